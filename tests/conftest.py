@@ -1,0 +1,36 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import codewords_lite as cw  # noqa: E402
+from fake_runtime import FakeRuntime  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """No test sees the caller's CODEWORDS_* settings, proxies or CA bundle."""
+    for name in list(os.environ):
+        if name.startswith("CODEWORDS_") or name.lower().endswith("_proxy") or name.endswith("CA_BUNDLE"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """Retries back off in milliseconds, so tests of them stay fast."""
+    monkeypatch.setattr(cw, "RETRY_BACKOFF", (0.01, 0.05))
+
+
+@pytest.fixture
+def runtime():
+    with FakeRuntime() as runtime:
+        yield runtime
+
+
+@pytest.fixture
+def client(runtime):
+    with cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        yield client

@@ -1,0 +1,342 @@
+"""A local stand-in for the CodeWords runtime: real HTTP on 127.0.0.1, standard library only.
+
+    with FakeRuntime() as runtime:
+        client = codewords_lite.Client(runtime.api_key, base_url=runtime.url)
+
+It serves every endpoint of PROTOCOL.md, runs a few test workflows (see SERVICES), counts their
+executions, can play a gateway that answers 504 while the run goes on, and takes injected faults:
+status codes with Retry-After, dropped connections, slow answers and truncated bodies. A second
+server on another port plays the storage host that presigned upload URLs point to.
+"""
+
+import collections
+import datetime
+import hashlib
+import json
+import socket
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+API_KEY = "cwk-test-0123456789abcdef"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# -- the test workflows: each takes (inputs, log) and answers (status, body, content type) ----------
+
+
+def _echo(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    return 200, inputs, "application/json"
+
+
+def _sleep(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    seconds = float(inputs.get("seconds", 1))
+    steps = int(inputs.get("lines", 0))
+    for i in range(steps):
+        log(f"step {i}")
+        time.sleep(seconds / steps)
+    if not steps:
+        time.sleep(seconds)
+    return 200, {"slept": seconds, **{k: v for k, v in inputs.items() if k not in ("seconds", "lines")}}, "application/json"
+
+
+def _fail(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    log("about to fail")
+    return int(inputs.get("status", 500)), {"detail": inputs.get("detail", "boom")}, "application/json"
+
+
+def _text(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    return 200, str(inputs.get("text", "hello")).encode(), "text/plain"
+
+
+def _empty(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    return 204, b"", "text/plain"
+
+
+def _talk(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    """Writes ``lines`` log lines, ``interval`` seconds apart."""
+    for i in range(int(inputs.get("lines", 10))):
+        log(f"line {i}")
+        time.sleep(float(inputs.get("interval", 0.01)))
+    return 200, {"lines": int(inputs.get("lines", 10))}, "application/json"
+
+
+SERVICES = {"echo": _echo, "sleep": _sleep, "fail": _fail, "text": _text, "empty": _empty, "talk": _talk}
+
+
+class Fault:
+    """One injected fault, applied to the next ``times`` requests that match."""
+
+    def __init__(self, method: str, path: str, *, status: int = 0, retry_after: Optional[str] = None,
+                 drop: bool = False, delay: float = 0.0, truncate: bool = False, after_run: bool = False,
+                 body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None, times: int = 1) -> None:
+        self.method, self.path, self.times = method, path, times
+        self.status, self.retry_after, self.drop, self.delay = status, retry_after, drop, delay
+        self.truncate, self.after_run, self.body, self.headers = truncate, after_run, body, headers or {}
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.times > 0 and method == self.method and path.startswith(self.path)
+
+
+class FakeRuntime:
+    """The runtime and its storage host, each on its own port of 127.0.0.1."""
+
+    def __init__(self, *, api_key: str = API_KEY, gateway_timeout: Optional[float] = None,
+                 hold_polls: bool = True, ndjson: bool = True, port: int = 0) -> None:
+        self.api_key = api_key
+        self.gateway_timeout = gateway_timeout  # a blocking /run or /result held longer answers 504
+        self.hold_polls = hold_polls  # False: /result answers 408 at once instead of holding
+        self.ndjson = ndjson  # False: /logs sends SSE "data:" lines
+        self.executions: collections.Counter = collections.Counter()  # service id -> runs started
+        self.calls: List[Dict[str, Any]] = []  # every request received: method, path, query, headers, body
+        self.faults: List[Fault] = []
+        self.faults_applied: collections.Counter = collections.Counter()  # kind -> how many
+        self.records: Dict[str, Dict[str, Any]] = {}
+        self.log_entries: Dict[str, List[Dict[str, Any]]] = collections.defaultdict(list)
+        self.uploads: Dict[str, Dict[str, Any]] = {}  # token -> size, sha256, headers, content (small ones)
+        self.upload_headers: Optional[Dict[str, str]] = None  # answered by POST /file when set
+        self.spent_keys: set = set()
+        self.lock = threading.Condition()
+        self._servers = [_serve(self, _ApiHandler, port)]
+        self.url = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+
+    def __enter__(self) -> "FakeRuntime":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+    # -- what tests use --------------------------------------------------------------------------
+
+    def fault(self, method: str, path: str, **kwargs: Any) -> Fault:
+        fault = Fault(method, path, **kwargs)
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def calls_to(self, method: str, prefix: str) -> List[Dict[str, Any]]:
+        with self.lock:
+            return [c for c in self.calls if c["method"] == method and c["path"].startswith(prefix)]
+
+    def wait_until_done(self, request_id: str, timeout: float = 10.0) -> Dict[str, Any]:
+        with self.lock:
+            self.lock.wait_for(lambda: self.records[request_id].get("completedAt"), timeout)
+            return dict(self.records[request_id])
+
+    # -- what the handler uses -------------------------------------------------------------------
+
+    def take_fault(self, method: str, path: str) -> Optional[Fault]:
+        with self.lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def new_record(self, service_id: Optional[str] = None, request_id: Optional[str] = None) -> str:
+        request_id = request_id or "req_" + uuid.uuid4().hex[:16]
+        with self.lock:
+            self.records.setdefault(request_id, {"id": request_id, "userId": "user_test", "createdAt": now_iso()})
+            if service_id:
+                self.records[request_id]["serviceId"] = service_id
+        return request_id
+
+    def execute(self, request_id: str, service_id: str, inputs: Any) -> None:
+        """Run a workflow to its end, recording its answer and logs under the request id."""
+        with self.lock:
+            self.executions[service_id] += 1
+            self.records[request_id]["startedAt"] = now_iso()
+
+        def log(message: str) -> None:
+            with self.lock:
+                self.log_entries[request_id].append({"createdAt": now_iso(), "level": "INFO", "message": message})
+                self.lock.notify_all()
+
+        status, body, content_type = SERVICES[service_id](inputs, log)
+        with self.lock:
+            record = self.records[request_id]
+            record["responseStatus"] = status
+            if content_type == "application/json":
+                record["responseJson"] = body
+                record["responseContent"] = json.dumps(body)
+            else:
+                record["responseContent"] = body.decode()
+            record["completedAt"] = now_iso()
+            self.lock.notify_all()
+
+    def check_key(self, header: Optional[str]) -> bool:
+        key = (header or "")[len("Bearer "):] if (header or "").startswith("Bearer ") else header
+        with self.lock:
+            if key != self.api_key or key in self.spent_keys:
+                return False
+            if key.startswith("cwotk-"):
+                self.spent_keys.add(key)
+        return True
+
+
+def _serve(runtime: FakeRuntime, handler: type, port: int = 0) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    server.runtime = runtime  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # or a reply written in two pieces waits ~40 ms for a delayed ACK
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    @property
+    def runtime(self) -> FakeRuntime:
+        return self.server.runtime  # type: ignore[attr-defined,no-any-return]
+
+    def send(self, status: int, body: Any = None, *, content_type: str = "application/json",
+             headers: Optional[Dict[str, str]] = None) -> None:
+        if isinstance(body, (bytes, bytearray)):
+            data = bytes(body)
+        else:
+            data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return b""
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def drop(self) -> None:
+        """Close the connection without a word, as a crashed gateway would."""
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def apply(self, fault: Fault) -> bool:
+        """Act out a fault; True if the request has been answered (or dropped) by it."""
+        if fault.delay:
+            self.runtime.faults_applied["delay"] += 1
+            time.sleep(fault.delay)
+        if fault.drop:
+            self.runtime.faults_applied["drop"] += 1
+            self.drop()
+            return True
+        if fault.truncate:
+            self.runtime.faults_applied["truncate"] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"request_id": "req_trunc')
+            self.drop()
+            return True
+        if fault.status:
+            self.runtime.faults_applied[str(fault.status)] += 1
+            headers = dict(fault.headers)
+            if fault.retry_after is not None:
+                headers["Retry-After"] = fault.retry_after
+            body = fault.body if fault.body is not None else {"detail": f"injected {fault.status}"}
+            self.send(fault.status, body, headers=headers)
+            return True
+        return False
+
+
+class _ApiHandler(_Handler):
+    def do_GET(self) -> None:
+        self.handle_api("GET")
+
+    def do_POST(self) -> None:
+        self.handle_api("POST")
+
+    def handle_api(self, method: str) -> None:
+        parts = urlsplit(self.path)
+        path, query = parts.path, parse_qs(parts.query)
+        body = self.read_body()
+        runtime = self.runtime
+        with runtime.lock:
+            runtime.calls.append({"method": method, "path": path, "query": query,
+                                  "headers": dict(self.headers), "body": body})
+        if not runtime.check_key(self.headers.get("Authorization")):
+            return self.send(401, {"detail": "Invalid or missing API key"})
+        fault = runtime.take_fault(method, path)
+        if fault and not fault.after_run and self.apply(fault):
+            return
+        segments = path.strip("/").split("/")
+        route = (method, segments[0])
+        if route == ("POST", "provision-request"):
+            return self.send(200, {"request_id": runtime.new_record()})
+        if route in (("POST", "run"), ("POST", "run_async")) and len(segments) >= 2:
+            return self.run(segments[0], segments[1], body, fault)
+        if route == ("GET", "result") and len(segments) == 2:
+            return self.result(segments[1], float(query.get("timeout", ["0"])[0]))
+        if route == ("GET", "request") and len(segments) == 2:
+            record = runtime.records.get(segments[1])
+            return self.send(200, {**record, "cost": 0.001}) if record else self.not_found()
+        self.not_found()
+
+    def not_found(self) -> None:
+        self.send(404, {"detail": "Not Found"})
+
+    def run(self, kind: str, service_id: str, body: bytes, fault: Optional[Fault]) -> None:
+        runtime = self.runtime
+        if service_id not in SERVICES:
+            return self.send(404, {"detail": f"Service {service_id} not found"})
+        try:
+            inputs = json.loads(body or b"{}")
+        except ValueError:
+            return self.send(422, {"detail": [{"loc": ["body"], "msg": "invalid JSON"}]})
+        provisioned = self.headers.get("X-Provisioned-Request-Id")
+        if provisioned and provisioned not in runtime.records:
+            return self.send(404, {"detail": "Provisioned request not found"})
+        request_id = runtime.new_record(service_id, provisioned)
+        worker = threading.Thread(target=runtime.execute, args=(request_id, service_id, inputs), daemon=True)
+        worker.start()
+        if kind == "run_async":
+            if fault and fault.after_run and self.apply(fault):
+                return
+            return self.send(200, {"request_id": request_id})
+        with runtime.lock:
+            finished = runtime.lock.wait_for(lambda: runtime.records[request_id].get("completedAt"),
+                                             runtime.gateway_timeout)
+            record = dict(runtime.records[request_id])
+        if fault and fault.after_run and self.apply(fault):
+            return
+        if not finished:
+            return self.send(504, b"upstream request timeout", content_type="text/plain")
+        status = record["responseStatus"]
+        headers = {"Error-Origin": "service"} if status >= 400 else {}
+        if "responseJson" in record:
+            return self.send(status, record["responseJson"], headers=headers)
+        return self.send(status, record["responseContent"].encode(), content_type="text/plain", headers=headers)
+
+    def result(self, request_id: str, timeout: float) -> None:
+        runtime = self.runtime
+        if request_id not in runtime.records:
+            return self.not_found()
+        hold = timeout if runtime.hold_polls else 0
+        gateway = runtime.gateway_timeout
+        with runtime.lock:
+            finished = runtime.lock.wait_for(lambda: runtime.records[request_id].get("completedAt"),
+                                             min(hold, gateway) if gateway is not None else hold)
+            record = dict(runtime.records[request_id])
+        if finished:
+            return self.send(200, record)
+        if gateway is not None and gateway < hold:
+            return self.send(504, b"upstream request timeout", content_type="text/plain")
+        self.send(408, {"detail": "Request still running"})
