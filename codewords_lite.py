@@ -5,7 +5,8 @@
     >>> with cw.Client() as client:                  # the key comes from $CODEWORDS_API_KEY
     ...     output = client.run("my-service", {"name": "Ada"})
     ...     run = client.start("slow-service", {"rows": 10_000})
-    ...     output = run.wait(timeout=1800)
+    ...     output = run.wait(timeout=1800, on_log=print)
+    ...     url = client.upload("data.csv")         # a download URL to pass as an input
 
 A blocking run that outlives the gateway (HTTP 504 after about 120 s) is resumed, not run
 twice: ``run()`` provisions a request id first and, on a 504, waits for that same run.
@@ -26,20 +27,25 @@ Every error is a ``CodewordsError``::
     └── RunTimeout(CodewordsError, TimeoutError)          a deadline passed; .request_id
 """
 
+import calendar
 import datetime
 import email.utils
+import io
 import ipaddress
 import json
 import logging
 import math
+import mimetypes
 import os
+import shutil
 import random
 import re
 import socket
+import tempfile
 import threading
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
-from urllib.parse import urlsplit
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -83,6 +89,18 @@ HELD_POLL_MIN = 0.5  # a "not yet" faster than this means the server does not ho
 POLL_BACKOFF = (0.25, 5.0)  # first and longest sleep between polls of such a server
 RETRY_BACKOFF = (0.5, 8.0)  # first and longest sleep between retries, before jitter
 RETRY_AFTER_MAX = 60.0  # the longest Retry-After honoured
+
+LOG_READ_TIMEOUT = 60.0  # a log stream silent this long is reconnected
+LOG_BACKOFF = (0.5, 5.0)  # first and longest sleep before reconnecting a dropped log stream
+LOG_RECONNECTS = 10  # reconnects in a row, with no entry between them, before giving up
+LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404
+LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
+
+UPLOAD_BLOCK = 1 << 20  # bytes read from the source per write to the socket
+UPLOAD_READ_TIMEOUT = 120.0  # for the storage host's answer to a PUT
+PROGRESS_INTERVAL = 0.25  # seconds between two on_progress calls
+
+LogEntry = Dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------
 # Exceptions
@@ -191,12 +209,19 @@ class Run:
         state = "done" if self.record is not None else "not known to be done"
         return f"<Run {self.request_id} {state}>"
 
-    def wait(self, timeout: Optional[float] = None) -> Any:
-        """Wait for the run to finish and return its output; raise RunFailed if it failed."""
+    def wait(self, timeout: Optional[float] = None, on_log: Optional[Callable[[LogEntry], Any]] = None) -> Any:
+        """Wait for the run to finish and return its output; raise RunFailed if it failed.
+
+        ``on_log`` is called with each log entry as the run writes it, from another thread.
+        """
         if self.record is None:
             deadline = self._client._deadline(timeout)
-            self.record = self._client._wait_for_record(self.request_id, deadline)
+            self.record = self._client._wait_for_record(self.request_id, deadline, on_log)
         return _output(self.record, self.request_id)
+
+    def logs(self) -> Iterator[LogEntry]:
+        """The run's log entries as they come, until it ends: see ``Client.logs``."""
+        return self._client.logs(self.request_id)
 
     def done(self) -> bool:
         """Whether the run has finished, asked of the server without waiting."""
@@ -280,21 +305,45 @@ class Client:
         path: str = "",
         timeout: Optional[float] = None,
         fallback: Optional[str] = _CLIENT_DEFAULT,
+        on_log: Optional[Callable[[LogEntry], Any]] = None,
     ) -> Any:
         """Run a workflow, wait for it and return its output (decoded JSON, text or None).
 
         If the gateway gives up (504) or the call outlives ``sync_timeout``, ``fallback``
         decides: "resume" waits for the same run by its provisioned id, "rerun" starts the
         inputs again with run_async (the first run may still be going: it can run twice),
-        None raises GatewayTimeout or APITimeoutError.
+        None raises GatewayTimeout or APITimeoutError. ``on_log`` is called with each log
+        entry while the run goes on, from another thread.
         """
         url_path = _service_path("run", service_id, path)
         body = _encode_inputs(inputs)
         fallback = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
         deadline = self._deadline(timeout)
         if self._one_time_key():
+            if on_log is not None:
+                raise ConfigurationError("on_log needs requests of its own, and a one-time key allows one")
             fallback = None
-        request_id = self._provision(deadline) if fallback == "resume" else None
+        request_id = self._provision(deadline) if fallback == "resume" or on_log else None
+        follower = _LogFollower(self, request_id, on_log) if on_log and request_id else None
+        try:
+            return self._run_blocking(service_id, inputs, path, url_path, body, fallback, deadline, request_id, on_log)
+        finally:
+            if follower is not None:
+                follower.finish()
+
+    def _run_blocking(
+        self,
+        service_id: str,
+        inputs: Optional[Mapping[str, Any]],
+        path: str,
+        url_path: str,
+        body: bytes,
+        fallback: Optional[str],
+        deadline: float,
+        request_id: Optional[str],
+        on_log: Optional[Callable[[LogEntry], Any]],
+    ) -> Any:
+        """POST /run, and the fallback if the gateway or the read timeout cuts it short."""
         try:
             response = self._request(
                 "POST",
@@ -315,11 +364,12 @@ class Client:
                 raise  # the run never left: there is nothing to resume
             if fallback == "resume" and request_id:
                 logger.info("blocking run %s cut short (%s); waiting for it by its id", request_id, exc)
-                return _output(self._wait_for_record(request_id, deadline), request_id)
+                return _output(self._poll_for_record(request_id, deadline), request_id)
             if fallback == "rerun":
                 logger.warning("blocking run of %s cut short (%s); starting it again", service_id, exc)
                 started = self.start(service_id, inputs, path=path)
-                return _output(self._wait_for_record(started.request_id, deadline), started.request_id)
+                record = self._wait_for_record(started.request_id, deadline, on_log)
+                return _output(record, started.request_id)
             raise
         return _decode(response.content)
 
@@ -344,6 +394,87 @@ class Client:
         response = self._request("GET", f"/request/{request_id}", deadline=self._deadline(None), request_id=request_id)
         return _record_in(response, request_id)
 
+    def logs(self, request_id: str) -> Iterator[LogEntry]:
+        """Yield a run's log entries as it writes them, each once and in order, until it ends.
+
+        A dropped or silent stream is reconnected from the last entry seen. A line that is not
+        JSON comes as ``{"rawText": line}``. Call ``.close()`` on the iterator to stop early.
+        """
+        return _LogStream(self, _check_name("request id", request_id))
+
+    # -- files ------------------------------------------------------------------------------
+
+    def upload(
+        self,
+        source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]],
+        *,
+        filename: Optional[str] = None,
+        content_type: Optional[str] = None,
+        on_progress: Optional[Callable[[int, int], Any]] = None,
+    ) -> str:
+        """Upload a file, bytes or a binary file object, and return its download URL.
+
+        The bytes are streamed with a Content-Length, never read into memory whole, and go to
+        the storage host with no API key. ``on_progress(sent, total)`` is called a few times a
+        second; an exception raised in it stops the upload.
+        """
+        with _upload_source(source) as (body, start, size, name):
+            filename = _check_filename(filename if filename is not None else name)
+            deadline = self._deadline(None)
+            response = self._request("POST", "/file?filename=" + quote(filename, safe=""), deadline=deadline)
+            upload_uri, download_uri, signed_headers = _upload_answer(response)
+            if signed_headers is not None:
+                headers = dict(signed_headers)
+                if not any(name.lower() == "content-type" for name in headers):
+                    headers["Content-Type"] = content_type or "application/octet-stream"
+            else:
+                guessed = mimetypes.guess_type(filename)[0]
+                headers = {"Content-Type": content_type or guessed or "application/octet-stream", "x-amz-acl": "public-read"}
+            self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers)
+        return download_uri
+
+    def _put(self, url: str, body: "_UploadBody", headers: Dict[str, str]) -> None:
+        """PUT the body to the storage host, rewinding and retrying it on 5xx or a dropped connection.
+
+        A session of its own carries none of the API's headers, cookies or credentials.
+        """
+        where = _without_query(url)
+        with requests.Session() as storage:
+            storage.trust_env = False  # no ~/.netrc credentials for someone else's host
+            storage.headers = requests.structures.CaseInsensitiveDict({"User-Agent": USER_AGENT})
+            proxies = requests.utils.get_environ_proxies(url)
+            attempt = 0
+            while True:
+                body.rewind()
+                cause: Optional[BaseException] = None
+                try:
+                    response = storage.put(
+                        url,
+                        data=body,
+                        headers=headers,
+                        timeout=(self.connect_timeout, UPLOAD_READ_TIMEOUT),
+                        allow_redirects=False,
+                        proxies=proxies,
+                        verify=self._verify,
+                    )
+                except requests.RequestException as exc:
+                    cause = exc
+                    error: CodewordsError = _connection_error("PUT", where, exc, None)
+                    retryable = _is_transport_failure(exc)
+                    wait = _backoff(attempt)
+                else:
+                    if response.status_code < 300:
+                        return
+                    error = _storage_error(where, response)
+                    retryable = response.status_code >= 500 or response.status_code == 429
+                    retry_after = _retry_after(response)
+                    wait = _backoff(attempt) if retry_after is None else retry_after
+                if not retryable or attempt == self.max_retries:
+                    raise error from cause
+                attempt += 1
+                logger.info("PUT %s failed (%s); retry %d of %d in %.2f s", where, error, attempt, self.max_retries, wait)
+                time.sleep(wait)
+
     # -- the machinery ----------------------------------------------------------------------
 
     def _provision(self, deadline: float) -> Optional[str]:
@@ -356,8 +487,21 @@ class Client:
             logger.warning("could not provision a request id (%s); a 504 will not be resumable", exc)
             return None
 
-    def _wait_for_record(self, request_id: str, deadline: float) -> Dict[str, Any]:
-        """Long-poll GET /result until the run finishes, and return its record."""
+    def _wait_for_record(
+        self, request_id: str, deadline: float, on_log: Optional[Callable[[LogEntry], Any]] = None
+    ) -> Dict[str, Any]:
+        """Long-poll GET /result until the run finishes and return its record, streaming its logs."""
+        if on_log is None:
+            return self._poll_for_record(request_id, deadline)
+        if self._one_time_key():
+            raise ConfigurationError("on_log needs requests of its own, and a one-time key allows one")
+        follower = _LogFollower(self, request_id, on_log)
+        try:
+            return self._poll_for_record(request_id, deadline)
+        finally:
+            follower.finish()
+
+    def _poll_for_record(self, request_id: str, deadline: float) -> Dict[str, Any]:
         backoff = POLL_BACKOFF[0]
         while True:
             left = deadline - time.monotonic()
@@ -399,6 +543,7 @@ class Client:
         resend: bool = True,
         request_id: Optional[str] = None,
         not_yet: Tuple[int, ...] = (),
+        stream: bool = False,
     ) -> requests.Response:
         """Send one API call, retry it while that is safe, and return a 2xx or ``not_yet`` answer.
 
@@ -425,6 +570,7 @@ class Client:
                     allow_redirects=False,
                     proxies=self._proxies,
                     verify=self._verify,
+                    stream=stream,
                 )
             except requests.RequestException as exc:
                 cause = exc
@@ -515,6 +661,10 @@ class Client:
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
 _KEY = re.compile(r"[\x21-\x7e]+\Z")
+_ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
+_BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+_XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
+_XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
 _STATUS_ERRORS = {401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError, 429: RateLimitError, 504: GatewayTimeout}
 
 
@@ -715,3 +865,306 @@ def _sleep_until_at_most(seconds: float, deadline: float) -> None:
 
 def _strip_query(url_path: str) -> str:
     return url_path.split("?", 1)[0]
+
+
+def _without_query(url: str) -> str:
+    """A URL without its query, which for a presigned URL holds the signature."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+# -- log streams -------------------------------------------------------------------------------
+
+
+class _LogStream:
+    """An iterator over a run's log entries that reconnects after drops: each entry once, in order."""
+
+    def __init__(self, client: Client, request_id: str) -> None:
+        self.request_id = request_id
+        self._client = client
+        self._response: Optional[requests.Response] = None
+        self._closed = False
+        self._entries = self._follow()
+
+    def __iter__(self) -> "_LogStream":
+        return self
+
+    def __next__(self) -> LogEntry:
+        return next(self._entries)
+
+    def close(self) -> None:
+        """Stop the stream, from any thread: a read blocked on the socket returns at once."""
+        self._closed = True
+        if self._response is not None:
+            _interrupt(self._response)
+
+    def _follow(self) -> Iterator[LogEntry]:
+        last: Optional[str] = None  # createdAt of the newest entry delivered
+        last_instant: Optional[int] = None
+        backoff, reconnects, started = LOG_BACKOFF[0], 0, time.monotonic()
+        while not self._closed:
+            query = "?after=" + quote(last, safe="") if last else ""
+            try:
+                response = self._client._request(
+                    "GET",
+                    f"/logs/{self.request_id}{query}",
+                    deadline=self._client._deadline(None),
+                    headers={"Accept": "text/event-stream"},
+                    read_timeout=LOG_READ_TIMEOUT,
+                    request_id=self.request_id,
+                    stream=True,
+                )
+            except NotFoundError:
+                if time.monotonic() - started > LOG_NOT_FOUND_GRACE:
+                    raise
+                time.sleep(POLL_BACKOFF[0])  # a run just started may not be registered yet
+                continue
+            self._response = response
+            try:
+                with response:
+                    for line in _split_lines(response.iter_content(chunk_size=None)):
+                        entry = _parse_log_line(line)
+                        if entry is None:
+                            continue
+                        created = entry.get("createdAt")
+                        if isinstance(created, str):
+                            instant = _instant(created)
+                            if last is not None and not _is_newer(created, instant, last, last_instant):
+                                continue  # seen before the stream was reconnected
+                            last, last_instant = created, instant
+                        if self._closed:
+                            return
+                        backoff, reconnects = LOG_BACKOFF[0], 0
+                        yield entry
+                return  # the server ended the stream cleanly: the run is over
+            except (requests.RequestException, OSError, AttributeError, ValueError) as exc:
+                if self._closed:
+                    return
+                reconnects += 1
+                if reconnects > LOG_RECONNECTS:
+                    raise APIConnectionError(
+                        f"the log stream of {self.request_id} failed {reconnects} times in a row: {exc}",
+                        request_id=self.request_id,
+                    ) from exc
+                logger.info("log stream of %s dropped (%s); reconnecting in %.1f s", self.request_id, exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, LOG_BACKOFF[1])
+
+
+class _LogFollower:
+    """Streams a run's logs to ``on_log`` on a background thread while the caller waits."""
+
+    def __init__(self, client: Client, request_id: str, on_log: Callable[[LogEntry], Any]) -> None:
+        self._stream = _LogStream(client, request_id)
+        self._on_log = on_log
+        self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        """Let the stream reach its end (it ends with the run) for a moment, then stop it."""
+        self._thread.join(LOG_GRACE)
+        self._stream.close()
+        self._thread.join(LOG_GRACE)
+
+    def _pump(self) -> None:
+        request_id = self._stream.request_id
+        while True:
+            try:
+                entry = next(self._stream)
+            except StopIteration:
+                return
+            except CodewordsError as exc:
+                logger.warning("stopped streaming the logs of %s: %s", request_id, exc)
+                return
+            try:
+                self._on_log(entry)
+            except Exception:
+                logger.exception("on_log raised on a log entry of %s; its logs are no longer streamed", request_id)
+                self._stream.close()
+                return
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The complete lines of a byte stream, in time linear in its length however long a line is."""
+    pending = bytearray()
+    for chunk in chunks:
+        searched = len(pending)
+        pending += chunk
+        end = pending.rfind(b"\n", searched)
+        if end >= 0:
+            for line in pending[:end].split(b"\n"):
+                yield bytes(line)
+            del pending[: end + 1]
+    if pending:
+        yield bytes(pending)
+
+
+def _parse_log_line(line: bytes) -> Optional[LogEntry]:
+    """A log entry from an NDJSON or an SSE ``data:`` line; None for blank lines and ``:`` comments."""
+    text = line.decode("utf-8", "replace").strip()
+    if text.startswith("data:"):
+        text = text[len("data:") :].strip()
+    elif text.startswith(":"):
+        return None
+    if not text:
+        return None
+    try:
+        entry = json.loads(text)
+    except ValueError:
+        return {"rawText": text}
+    return entry if isinstance(entry, dict) else {"rawText": text}
+
+
+def _instant(timestamp: str) -> Optional[int]:
+    """An ISO 8601 timestamp in nanoseconds since the epoch (UTC if it names no zone), or None."""
+    match = _ISO_8601.match(timestamp.strip())
+    if not match:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    offset = 0
+    if zone and zone not in "Zz":
+        sign = -1 if zone[0] == "-" else 1
+        offset = sign * (int(zone[1:3]) * 3600 + int(zone[-2:]) * 60)
+    fields = (int(year), int(month), int(day), int(hour), int(minute), int(second))
+    seconds = calendar.timegm(fields) - offset
+    return seconds * 10**9 + int((fraction or "").ljust(9, "0")[:9])
+
+
+def _is_newer(created: str, instant: Optional[int], last: str, last_instant: Optional[int]) -> bool:
+    if instant is not None and last_instant is not None:
+        return instant > last_instant
+    return created > last
+
+
+def _interrupt(response: requests.Response) -> None:
+    """Close a streamed response so that a read blocked on it in another thread returns now."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # close() alone does not wake a blocked recv()
+        except OSError:
+            pass  # already closed
+    response.close()
+
+
+# -- uploads -----------------------------------------------------------------------------------
+
+
+class _UploadBody:
+    """The bytes of a PUT, read in large blocks from a file or buffer, reporting progress.
+
+    It has a length, so requests sends a Content-Length and no chunked encoding. ``read``
+    returns blocks of UPLOAD_BLOCK whatever size is asked, which both http.client and urllib3
+    accept, so a large file goes out in few system calls.
+    """
+
+    def __init__(self, source: Union[IO[bytes], memoryview], start: int, size: int,
+                 on_progress: Optional[Callable[[int, int], Any]]) -> None:
+        self._source, self._start, self._size, self._on_progress = source, start, size, on_progress
+        self._sent = 0
+        self._reported = 0.0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def rewind(self) -> None:
+        if not isinstance(self._source, memoryview):
+            self._source.seek(self._start)
+        self._sent = 0
+        self._report(force=True)
+
+    def read(self, size: int = -1) -> bytes:
+        count = min(UPLOAD_BLOCK, self._size - self._sent)
+        if isinstance(self._source, memoryview):
+            block = self._source[self._sent : self._sent + count]
+        else:
+            block = self._source.read(count)
+        self._sent += len(block)
+        self._report(force=self._sent == self._size)
+        return block  # type: ignore[return-value]
+
+    def _report(self, force: bool) -> None:
+        if self._on_progress is not None and (force or time.monotonic() - self._reported >= PROGRESS_INTERVAL):
+            self._reported = time.monotonic()
+            self._on_progress(self._sent, self._size)
+
+
+class _upload_source:
+    """Opens what ``upload`` was given: (source, start offset, size, default name); closes what it opened.
+
+    A stream that cannot seek is first copied to a temporary file, for its size and for retries.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._opened: Optional[IO[bytes]] = None
+
+    def __enter__(self) -> Tuple[Union[IO[bytes], memoryview], int, int, Optional[str]]:
+        source = self._source
+        if isinstance(source, (str, os.PathLike)):
+            self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
+            return self._opened, 0, os.fstat(self._opened.fileno()).st_size, os.path.basename(os.fspath(source))
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            view = memoryview(source).cast("B")
+            return view, 0, view.nbytes, None
+        if not callable(getattr(source, "read", None)):
+            raise TypeError(f"upload takes a path, bytes or a binary file object, not {type(source).__name__}")
+        if isinstance(source, io.TextIOBase):
+            raise TypeError("upload needs a binary file object: open the file with 'rb'")
+        if not (getattr(source, "seekable", lambda: False)()):
+            self._opened = tempfile.TemporaryFile()
+            shutil.copyfileobj(source, self._opened, UPLOAD_BLOCK)
+            source = self._opened
+            source.seek(0)
+        start = source.tell()
+        size = source.seek(0, os.SEEK_END) - start
+        source.seek(start)
+        return source, start, size, None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._opened is not None:
+            self._opened.close()
+
+
+def _check_filename(filename: Optional[str]) -> str:
+    if filename is None:
+        raise ValueError("upload needs filename= when the source is not a path")
+    if not isinstance(filename, str) or not filename.strip() or filename in (".", "..") or _BAD_FILENAME.search(filename):
+        raise ValueError(f"bad filename {filename!r}: want a plain file name such as 'data.csv'")
+    return filename
+
+
+def _upload_answer(response: requests.Response) -> Tuple[str, str, Optional[Dict[str, str]]]:
+    """upload_uri, download_uri and upload_headers from the answer to POST /file."""
+    body = _decode(response.content)
+    if isinstance(body, dict):
+        upload_uri, download_uri, headers = body.get("upload_uri"), body.get("download_uri"), body.get("upload_headers")
+        good_headers = headers is None or (
+            isinstance(headers, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+        )
+        if isinstance(upload_uri, str) and isinstance(download_uri, str) and good_headers:
+            parts = urlsplit(upload_uri)
+            if parts.hostname and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname))):
+                return upload_uri, download_uri, headers
+    raise APIStatusError(
+        f"{response.status_code} from POST /file: expected an https upload_uri and a download_uri, got {_describe(body)[:200]}",
+        status_code=response.status_code,
+        body=body,
+    )
+
+
+def _storage_error(where: str, response: requests.Response) -> APIStatusError:
+    """An APIStatusError with the storage host's own message (S3 answers in XML)."""
+    text = response.content.decode("utf-8", "replace")
+    code, message = _XML_CODE.search(text), _XML_MESSAGE.search(text)
+    if code or message:
+        detail = ": ".join(m.group(1).strip() for m in (code, message) if m)
+    else:
+        detail = _describe(_decode(response.content)) if response.content else ""
+    cls = _STATUS_ERRORS.get(response.status_code) or (ServerError if response.status_code >= 500 else APIStatusError)
+    return cls(
+        f"{response.status_code} {response.reason or ''} from PUT {where}: {detail}".replace("  ", " "),
+        status_code=response.status_code,
+        detail=detail,
+        body=text,
+    )

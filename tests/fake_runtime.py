@@ -75,8 +75,10 @@ class Fault:
 
     def __init__(self, method: str, path: str, *, status: int = 0, retry_after: Optional[str] = None,
                  drop: bool = False, delay: float = 0.0, truncate: bool = False, after_run: bool = False,
-                 body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None, times: int = 1) -> None:
+                 body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None, times: int = 1,
+                 cut_after: Optional[int] = None) -> None:
         self.method, self.path, self.times = method, path, times
+        self.cut_after = cut_after  # for /logs: drop the stream in the middle of the entry after this many
         self.status, self.retry_after, self.drop, self.delay = status, retry_after, drop, delay
         self.truncate, self.after_run, self.body, self.headers = truncate, after_run, body, headers or {}
 
@@ -93,6 +95,9 @@ class FakeRuntime:
         self.gateway_timeout = gateway_timeout  # a blocking /run or /result held longer answers 504
         self.hold_polls = hold_polls  # False: /result answers 408 at once instead of holding
         self.ndjson = ndjson  # False: /logs sends SSE "data:" lines
+        self.ignore_after = False  # True: /logs sends every entry again, whatever ?after= says
+        self.logs_never_end = False  # True: /logs stays open after the run has ended
+        self.keep_alive = True  # False: /logs says nothing while the run is silent
         self.executions: collections.Counter = collections.Counter()  # service id -> runs started
         self.calls: List[Dict[str, Any]] = []  # every request received: method, path, query, headers, body
         self.faults: List[Fault] = []
@@ -103,8 +108,10 @@ class FakeRuntime:
         self.upload_headers: Optional[Dict[str, str]] = None  # answered by POST /file when set
         self.spent_keys: set = set()
         self.lock = threading.Condition()
-        self._servers = [_serve(self, _ApiHandler, port)]
+        self._servers = [_serve(self, _ApiHandler, port), _serve(self, _StorageHandler)]
         self.url = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+        self.storage_url = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        self.storage_calls: List[Dict[str, Any]] = []  # every PUT received: path, headers, size
 
     def __enter__(self) -> "FakeRuntime":
         return self
@@ -160,7 +167,12 @@ class FakeRuntime:
 
         def log(message: str) -> None:
             with self.lock:
-                self.log_entries[request_id].append({"createdAt": now_iso(), "level": "INFO", "message": message})
+                entries = self.log_entries[request_id]
+                created = now_iso()
+                if entries and created <= entries[-1]["createdAt"]:  # keep timestamps strictly rising
+                    stamp = datetime.datetime.strptime(entries[-1]["createdAt"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                    created = (stamp + datetime.timedelta(microseconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                entries.append({"createdAt": created, "level": "INFO", "message": message})
                 self.lock.notify_all()
 
         status, body, content_type = SERVICES[service_id](inputs, log)
@@ -275,7 +287,7 @@ class _ApiHandler(_Handler):
         if not runtime.check_key(self.headers.get("Authorization")):
             return self.send(401, {"detail": "Invalid or missing API key"})
         fault = runtime.take_fault(method, path)
-        if fault and not fault.after_run and self.apply(fault):
+        if fault and not fault.after_run and fault.cut_after is None and self.apply(fault):
             return
         segments = path.strip("/").split("/")
         route = (method, segments[0])
@@ -288,6 +300,10 @@ class _ApiHandler(_Handler):
         if route == ("GET", "request") and len(segments) == 2:
             record = runtime.records.get(segments[1])
             return self.send(200, {**record, "cost": 0.001}) if record else self.not_found()
+        if route == ("GET", "logs") and len(segments) == 2:
+            return self.logs(segments[1], query.get("after", [""])[0], fault)
+        if route == ("POST", "file"):
+            return self.file(query.get("filename", [""])[0])
         self.not_found()
 
     def not_found(self) -> None:
@@ -340,3 +356,113 @@ class _ApiHandler(_Handler):
         if gateway is not None and gateway < hold:
             return self.send(504, b"upstream request timeout", content_type="text/plain")
         self.send(408, {"detail": "Request still running"})
+
+    def logs(self, request_id: str, after: str, fault: Optional[Fault]) -> None:
+        """Stream the run's entries newer than ``after``, chunked, until the run has ended."""
+        runtime = self.runtime
+        if request_id not in runtime.records:
+            return self.not_found()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson" if runtime.ndjson else "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        entries = runtime.log_entries[request_id]
+        with runtime.lock:
+            index = sum(1 for e in entries if e["createdAt"] <= after) if after and not runtime.ignore_after else 0
+        try:
+            self.stream_entries(request_id, index, fault)
+        except OSError:
+            self.close_connection = True  # the client went away
+
+    def stream_entries(self, request_id: str, index: int, fault: Optional[Fault]) -> None:
+        runtime = self.runtime
+        entries = runtime.log_entries[request_id]
+        sent = 0
+        while True:
+            with runtime.lock:
+                runtime.lock.wait_for(lambda: len(entries) > index or (
+                    runtime.records[request_id].get("completedAt") and not runtime.logs_never_end), 0.5)
+                fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
+            if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:
+                self.chunk(b"\n" if runtime.ndjson else b": keep-alive\n\n")
+            for entry in fresh:
+                line = json.dumps(entry).encode()
+                if fault and fault.cut_after is not None and sent == fault.cut_after:
+                    runtime.faults_applied["cut log stream"] += 1
+                    self.chunk(line[: len(line) // 2])
+                    return self.drop()
+                self.chunk(line + b"\n" if runtime.ndjson else b"data: " + line + b"\n\n")
+                sent += 1
+            index += len(fresh)
+            if finished and not fresh and not runtime.logs_never_end:
+                return self.chunk(b"")
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def file(self, filename: str) -> None:
+        if not filename:
+            return self.send(422, {"detail": [{"loc": ["query", "filename"], "msg": "field required"}]})
+        token = uuid.uuid4().hex
+        answer = {
+            "upload_uri": f"{self.runtime.storage_url}/upload/{token}?X-Amz-Signature=sig{token[:8]}",
+            "download_uri": f"{self.runtime.storage_url}/files/{token}/{filename}",
+        }
+        if self.runtime.upload_headers is not None:
+            answer["upload_headers"] = self.runtime.upload_headers
+        with self.runtime.lock:
+            self.runtime.uploads[token] = {"filename": filename, "signed": self.runtime.upload_headers}
+        self.send(200, answer)
+
+
+class _StorageHandler(_Handler):
+    """The storage host: takes PUTs on presigned URLs and refuses what S3 refuses."""
+
+    def do_PUT(self) -> None:
+        runtime = self.runtime
+        token = urlsplit(self.path).path.rsplit("/", 1)[-1]
+        headers = dict(self.headers)
+        with runtime.lock:
+            runtime.storage_calls.append({"path": self.path, "headers": headers})
+            upload = runtime.uploads.get(token)
+        fault = runtime.take_fault("PUT", "/upload/")
+        if fault and self.apply(fault):
+            return
+        if upload is None:
+            return self.s3_error(403, "AccessDenied", "No such presigned URL")
+        if "Authorization" in self.headers:
+            return self.s3_error(400, "InvalidArgument", "Only one auth mechanism allowed")
+        if self.headers.get("Transfer-Encoding"):
+            return self.s3_error(501, "NotImplemented", "A header you provided implies functionality that is not implemented")
+        if self.headers.get("Content-Length") is None:
+            return self.s3_error(411, "MissingContentLength", "You must provide the Content-Length HTTP header.")
+        wanted = upload["signed"] or {"x-amz-acl": "public-read"}
+        if any(self.headers.get(name) != value for name, value in wanted.items()):
+            return self.s3_error(403, "SignatureDoesNotMatch", "The request signature we calculated does not match")
+        size, digest, kept = int(self.headers["Content-Length"]), hashlib.sha256(), bytearray()
+        left = size
+        while left:
+            block = self.rfile.read(min(left, 1 << 20))
+            if not block:
+                return self.drop()
+            left -= len(block)
+            digest.update(block)
+            if size <= 32 << 20:
+                kept += block
+        with runtime.lock:
+            upload.update(size=size, sha256=digest.hexdigest(), content=bytes(kept) if size <= 32 << 20 else None,
+                          headers=headers)
+        self.send(200, b"", headers={"ETag": f'"{digest.hexdigest()[:32]}"'})
+
+    def do_GET(self) -> None:
+        token = urlsplit(self.path).path.split("/")[2]
+        upload = self.runtime.uploads.get(token)
+        if not upload or upload.get("content") is None:
+            return self.s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        self.send(200, upload["content"], content_type="application/octet-stream")
+
+    def s3_error(self, status: int, code: str, message: str) -> None:
+        self.close_connection = True  # the body of the PUT may not have been read
+        body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+        self.send(status, body.encode(), content_type="application/xml")
