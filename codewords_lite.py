@@ -28,6 +28,7 @@ Every error is a ``CodewordsError``::
 """
 
 import calendar
+import contextlib
 import datetime
 import email.utils
 import io
@@ -306,6 +307,7 @@ class Client:
         timeout: Optional[float] = None,
         fallback: Optional[str] = _CLIENT_DEFAULT,
         on_log: Optional[Callable[[LogEntry], Any]] = None,
+        request_id: Optional[str] = None,
     ) -> Any:
         """Run a workflow, wait for it and return its output (decoded JSON, text or None).
 
@@ -313,17 +315,22 @@ class Client:
         decides: "resume" waits for the same run by its provisioned id, "rerun" starts the
         inputs again with run_async (the first run may still be going: it can run twice),
         None raises GatewayTimeout or APITimeoutError. ``on_log`` is called with each log
-        entry while the run goes on, from another thread.
+        entry while the run goes on, from another thread. ``request_id``, from
+        ``provision()``, names the run in advance, so that it can be found even if this
+        process dies while it waits.
         """
         url_path = _service_path("run", service_id, path)
         body = _encode_inputs(inputs)
         fallback = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
         deadline = self._deadline(timeout)
-        if self._one_time_key():
+        if request_id is not None:
+            _check_name("request id", request_id)
+        elif self._one_time_key():
             if on_log is not None:
                 raise ConfigurationError("on_log needs requests of its own, and a one-time key allows one")
             fallback = None
-        request_id = self._provision(deadline) if fallback == "resume" or on_log else None
+        elif fallback == "resume" or on_log:
+            request_id = self._provision(deadline)
         follower = _LogFollower(self, request_id, on_log) if on_log and request_id else None
         try:
             return self._run_blocking(service_id, inputs, path, url_path, body, fallback, deadline, request_id, on_log)
@@ -379,6 +386,10 @@ class Client:
         body = _encode_inputs(inputs)
         response = self._request("POST", url_path, body=body, deadline=self._deadline(None), resend=False)
         return Run(self, _request_id_in(response))
+
+    def provision(self) -> str:
+        """A new request id, for ``run(request_id=...)``: the run can then be found by it."""
+        return _request_id_in(self._request("POST", "/provision-request", deadline=self._deadline(None)))
 
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""
@@ -1168,3 +1179,284 @@ def _storage_error(where: str, response: requests.Response) -> APIStatusError:
         detail=detail,
         body=text,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEADLINE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+_CLI_EPILOG = f"""\
+The API key comes from ${API_KEY_ENV} only: a key on the command line would leak into the
+shell history and `ps`. Standard output holds only the result, as JSON; everything else goes
+to standard error. INPUTS is a JSON object, @file.json, or - for standard input; -i key=value
+adds a field, its value taken as JSON when it parses (n=3, ok=true), else as a string.
+
+exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    the API or the workflow failed
+  {EXIT_USAGE}    bad usage or configuration
+  {EXIT_DEADLINE}    a deadline passed (the run goes on: pick it up with `result REQUEST_ID`)
+  {EXIT_INTERRUPTED}  interrupted
+"""
+
+
+class _UsageError(Exception):
+    """A command-line argument that cannot be used."""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The ``codewords-lite`` command: run workflows from shell scripts, cron jobs and CI."""
+    import argparse
+    import sys
+
+    args = _cli_parser(argparse).parse_args(argv)
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+    status = _Status(sys.stderr, enabled=sys.stderr.isatty() and not args.debug)
+    try:
+        with Client(base_url=args.base_url) as client:
+            output = args.handler(client, args, status)
+    except KeyboardInterrupt:
+        again = f"; resume with: codewords-lite result {status.request_id}" if status.request_id else ""
+        print(f"interrupted{again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CodewordsError, _UsageError, OSError) as error:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        code, message = _cli_failure(error)
+        print(f"codewords-lite: {message}", file=sys.stderr)
+        return code
+    if output is not _NO_OUTPUT:
+        layout: Dict[str, Any] = {"indent": 2} if sys.stdout.isatty() else {"separators": (",", ":")}
+        print(json.dumps(output, ensure_ascii=False, **layout))
+    return EXIT_OK
+
+
+_NO_OUTPUT: Any = object()  # a command that has printed what it had to say
+
+
+def _cli_failure(error: Exception) -> Tuple[int, str]:
+    """The exit code and the one line that tell what went wrong."""
+    message = str(error) or type(error).__name__
+    request_id = getattr(error, "request_id", None)
+    if request_id and request_id not in message:
+        message += f" (request {request_id})"
+    if isinstance(error, RunTimeout):
+        if request_id:
+            message += f"; it may still finish: codewords-lite result {request_id}"
+        return EXIT_DEADLINE, message
+    if isinstance(error, CodewordsError) and not isinstance(error, ConfigurationError):
+        return EXIT_FAILED, message
+    return EXIT_USAGE, message
+
+
+def _cli_parser(argparse: Any) -> Any:
+    parser = argparse.ArgumentParser(
+        prog="codewords-lite",
+        description="Call CodeWords workflows from the command line.",
+        epilog=_CLI_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"codewords-lite {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-url", help="the runtime's URL (else $CODEWORDS_BASE_URL or the default)")
+    common.add_argument("--debug", action="store_true", help="log every request, and show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable[..., Any], help: str) -> Any:
+        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def inputs_arguments(sub: Any) -> None:
+        sub.add_argument("service_id", metavar="SERVICE_ID")
+        sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="a JSON object, @file.json, or - for stdin")
+        sub.add_argument("-i", dest="fields", metavar="KEY=VALUE", action="append", default=[], help="an input field")
+        sub.add_argument("--path", default="", help="a path after the service id")
+
+    run = command("run", _cli_run, "run a workflow and print its output")
+    inputs_arguments(run)
+    run.add_argument("--logs", action="store_true", help="print the run's log lines to standard error")
+    run.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
+    run.add_argument("--fallback", choices=["resume", "rerun", "off"], default="resume",
+                     help="what to do when the gateway gives up (default resume)")
+    start = command("start", _cli_start, "start a workflow in the background and print its request id")
+    inputs_arguments(start)
+    result = command("result", _cli_result, "wait for a run and print its output")
+    result.add_argument("request_id", metavar="REQUEST_ID")
+    result.add_argument("--timeout", type=float, help="seconds to wait (default 600)")
+    result.add_argument("--logs", action="store_true", help="print the run's log lines to standard error")
+    logs = command("logs", _cli_logs, "print a run's log entries, one JSON object a line, until it ends")
+    logs.add_argument("request_id", metavar="REQUEST_ID")
+    details = command("details", _cli_details, "print a run's request record")
+    details.add_argument("request_id", metavar="REQUEST_ID")
+    upload = command("upload", _cli_upload, "upload a file and print its download URL")
+    upload.add_argument("file", metavar="FILE")
+    upload.add_argument("--filename", help="the name to store it under (default: the file's)")
+    upload.add_argument("--content-type", help="default: guessed from the name")
+    return parser
+
+
+def _cli_run(client: Client, args: Any, status: "_Status") -> Any:
+    inputs = _cli_inputs(args)
+    _service_path("run", args.service_id, args.path)  # bad names fail before the provision
+    fallback = None if args.fallback == "off" else args.fallback
+    on_log = status.log_printer(args.logs)
+    if on_log is not None or fallback == "resume":
+        status.request_id = client.provision()  # known now, so that an interrupted wait can be resumed
+    with status.showing(status.wait_line()):
+        return client.run(args.service_id, inputs, path=args.path, timeout=args.timeout, fallback=fallback,
+                          on_log=on_log, request_id=status.request_id)
+
+
+def _cli_start(client: Client, args: Any, status: "_Status") -> Any:
+    print(client.start(args.service_id, _cli_inputs(args), path=args.path).request_id)
+    return _NO_OUTPUT
+
+
+def _cli_result(client: Client, args: Any, status: "_Status") -> Any:
+    run = client.get_run(args.request_id)
+    status.request_id = run.request_id
+    with status.showing(status.wait_line()):
+        return run.wait(timeout=args.timeout, on_log=status.log_printer(args.logs))
+
+
+def _cli_logs(client: Client, args: Any, status: "_Status") -> Any:
+    import sys
+
+    status.request_id = args.request_id
+    for entry in client.logs(args.request_id):
+        sys.stdout.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    return _NO_OUTPUT
+
+
+def _cli_details(client: Client, args: Any, status: "_Status") -> Any:
+    return client.details(args.request_id)
+
+
+def _cli_upload(client: Client, args: Any, status: "_Status") -> Any:
+    describe, on_progress = _upload_line()
+    with status.showing(describe):
+        url = client.upload(args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress)
+    print(url)
+    return _NO_OUTPUT
+
+
+def _cli_inputs(args: Any) -> Dict[str, Any]:
+    """INPUTS (JSON, @file or - for stdin) with the -i fields on top."""
+    import sys
+
+    inputs: Any = {}
+    if args.inputs == "-":
+        text = sys.stdin.read()
+    elif args.inputs and args.inputs.startswith("@"):
+        with open(args.inputs[1:], encoding="utf-8") as file:
+            text = file.read()
+    else:
+        text = args.inputs
+    if text is not None:
+        try:
+            inputs = json.loads(text)
+        except ValueError as exc:
+            raise _UsageError(f"INPUTS is not valid JSON: {exc}") from None
+        if not isinstance(inputs, dict):
+            raise _UsageError(f"INPUTS must be a JSON object, not {type(inputs).__name__}")
+    for field in args.fields:
+        key, value = _parse_field(field)
+        inputs[key] = value
+    return inputs  # type: ignore[no-any-return]
+
+
+def _parse_field(field: str) -> Tuple[str, Any]:
+    """``key=value`` as (key, value): the value as JSON when it parses, else as the string."""
+    key, equals, text = field.partition("=")
+    if not equals or not key.strip():
+        raise _UsageError(f"-i takes KEY=VALUE, not {field!r}")
+    try:
+        return key.strip(), json.loads(text)
+    except ValueError:
+        return key.strip(), text
+
+
+class _Status:
+    """One line on standard error, redrawn in place while the command works: a terminal only."""
+
+    def __init__(self, stream: Any, enabled: bool) -> None:
+        self.request_id: Optional[str] = None
+        self._stream, self._enabled = stream, enabled
+        self._describe: Callable[[], str] = str
+        self._newest_log = ""
+        self._lock = threading.Lock()
+
+    def log_printer(self, print_all: bool) -> Optional[Callable[[LogEntry], None]]:
+        """An on_log that keeps the newest line for the status, and prints every line if asked."""
+        if not (print_all or self._enabled):
+            return None
+
+        def on_log(entry: LogEntry) -> None:
+            text = str(entry.get("message", entry.get("rawText", json.dumps(entry, ensure_ascii=False))))
+            with self._lock:
+                self._newest_log = " ".join(text.split())
+                if print_all:
+                    self._write("\r\x1b[K" if self._enabled else "")
+                    self._write(text.rstrip("\n") + "\n")
+
+        return on_log
+
+    def wait_line(self) -> Callable[[], str]:
+        """The status of a wait: elapsed time, request id and newest log line."""
+        started = time.monotonic()
+        return lambda: f"{time.monotonic() - started:6.1f} s  {self.request_id or ''}  {self._newest_log}"
+
+    @contextlib.contextmanager
+    def showing(self, describe: Callable[[], str]) -> Iterator[None]:
+        """Redraw ``describe()`` five times a second until the block ends, then clear it."""
+        stop = threading.Event()
+
+        def redraw() -> None:
+            while True:
+                with self._lock:
+                    if stop.is_set():
+                        return
+                    width = shutil.get_terminal_size().columns - 1
+                    self._write("\r\x1b[K" + describe()[:width])
+                stop.wait(0.2)
+
+        if self._enabled:
+            threading.Thread(target=redraw, name="codewords-status", daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+            with self._lock:
+                self._write("\r\x1b[K" if self._enabled else "")
+
+    def _write(self, text: str) -> None:
+        if text:
+            self._stream.write(text)
+            self._stream.flush()
+
+
+def _upload_line() -> Tuple[Callable[[], str], Callable[[int, int], None]]:
+    """The status of an upload (bytes sent, percent, rate) and the on_progress that feeds it."""
+    started, progress = time.monotonic(), [0, 0]
+
+    def describe() -> str:
+        sent, total = progress
+        rate = sent / max(time.monotonic() - started, 1e-3) / 2**20
+        percent = 100 * sent // total if total else 100
+        return f"{sent / 2**20:8.1f} / {total / 2**20:.1f} MiB  {percent:3d}%  {rate:.1f} MiB/s"
+
+    def on_progress(sent: int, total: int) -> None:
+        progress[:] = [sent, total]
+
+    return describe, on_progress
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,7 @@ gateway 504 resumed without running the workflow a second time.
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -55,6 +56,13 @@ def emulator_tour() -> None:
             client.run("fail", {"detail": "the input was wrong"})
         except cw.ServerError as error:
             print(f"   {type(error).__name__}: {error}")
+
+        print("5. The same from the command line")
+        command = [sys.executable, "-m", "codewords_lite", "run", "echo", '{"name": "Ada"}', "-i", "n=3"]
+        env = dict(os.environ, CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url)
+        result = subprocess.run(command, env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True)
+        print("   $ codewords-lite run echo '{\"name\": \"Ada\"}' -i n=3")
+        print(f"   {result.stdout.strip()}    (exit code {result.returncode})")
 
 
 def main() -> None:
