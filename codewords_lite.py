@@ -28,6 +28,8 @@ Every error is a ``CodewordsError``::
 """
 
 import calendar
+import collections.abc
+import concurrent.futures
 import contextlib
 import datetime
 import email.utils
@@ -276,11 +278,21 @@ class Client:
         self._proxies = requests.utils.get_environ_proxies(self.base_url)
         self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._local = threading.local()
-        self._sessions: list = []
+        self._sessions: List[requests.Session] = []
         self._lock = threading.Lock()
+        self._gate = _RateGate()
 
     def __repr__(self) -> str:
         return f"<codewords_lite.Client {self.base_url}>"
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """A pickle carries the settings and a key given as an argument; never a key read from
+        the environment (read again where it is unpickled), nor sessions or a given session."""
+        settings = ("base_url", "timeout", "sync_timeout", "connect_timeout", "max_retries", "fallback")
+        return {"api_key": self._api_key, **{name: getattr(self, name) for name in settings}}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
     def __enter__(self) -> "Client":
         return self
@@ -390,6 +402,122 @@ class Client:
     def provision(self) -> str:
         """A new request id, for ``run(request_id=...)``: the run can then be found by it."""
         return _request_id_in(self._request("POST", "/provision-request", deadline=self._deadline(None)))
+
+    def map(
+        self,
+        service_id: str,
+        inputs: Iterable[Optional[Mapping[str, Any]]],
+        *,
+        max_workers: int = 8,
+        ordered: bool = True,
+        timeout: Optional[float] = None,
+        return_exceptions: bool = False,
+        on_progress: Optional[Callable[[int, Optional[int]], Any]] = None,
+        path: str = "",
+        fallback: Optional[str] = _CLIENT_DEFAULT,
+    ) -> Iterator[Any]:
+        """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
+
+        Like ``Executor.map``, outputs come in the order of the inputs, while later ones still
+        run, and inputs are read only as workers free up. ``ordered=False`` yields
+        ``(index, output)`` pairs as runs finish. The first failure stops the map and is raised
+        (after the outputs before it), unless ``return_exceptions`` puts it in place of its
+        output. Each item is a ``run()`` with its fallback and ``timeout``; ``on_progress(done,
+        total)`` is called as runs finish (total is None when ``inputs`` has no length).
+        """
+        _service_path("run", service_id, path)  # bad names fail here, not in every worker
+        if self._one_time_key():
+            raise ConfigurationError("map sends a request an item, and a one-time key allows one")
+        if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
+            raise ConfigurationError(f"max_workers must be a whole number >= 1, not {max_workers!r}")
+        if timeout is not None:
+            _check_seconds("timeout", timeout)
+        fallback = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
+        total = len(inputs) if isinstance(inputs, collections.abc.Sized) else None
+        options = {"path": path, "timeout": timeout, "fallback": fallback}
+        return self._map(service_id, inputs, options, max_workers, ordered, return_exceptions, on_progress, total)
+
+    def _map(
+        self,
+        service_id: str,
+        inputs: Iterable[Any],
+        options: Dict[str, Any],
+        max_workers: int,
+        ordered: bool,
+        return_exceptions: bool,
+        on_progress: Optional[Callable[[int, Optional[int]], Any]],
+        total: Optional[int],
+    ) -> Iterator[Any]:
+        items = enumerate(inputs)
+        window = 2 * max_workers  # runs in flight, queued, or finished and waiting for their turn
+        pending: Dict["concurrent.futures.Future[Any]", int] = {}
+        finished: Dict[int, Any] = {}
+        in_flight: Dict[int, Optional[str]] = {}  # index -> request id, to say what goes on after a Ctrl-C
+        next_index, done, reading = 0, 0, True
+        failed_at: Optional[int] = None
+        failure: Optional[BaseException] = None
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="codewords-map")
+        try:
+            while True:
+                while reading and len(pending) + len(finished) < window:
+                    try:
+                        index, item = next(items)
+                    except StopIteration:
+                        reading = False
+                        break
+                    pending[pool.submit(self._map_item, service_id, item, options, index, in_flight)] = index
+                if not pending and not finished:
+                    return
+                if pending:
+                    completed, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in completed:
+                        index = pending.pop(future)
+                        if future.cancelled():
+                            continue
+                        done += 1
+                        error = future.exception()
+                        if error is None or return_exceptions:
+                            finished[index] = error if error is not None else future.result()
+                        elif failed_at is None or index < failed_at:
+                            failed_at, failure, reading = index, error, False
+                            for other, other_index in pending.items():
+                                if other_index > index:
+                                    other.cancel()  # those not started yet
+                    if on_progress is not None:
+                        on_progress(done, total)
+                if ordered:
+                    while next_index in finished:
+                        yield finished.pop(next_index)
+                        next_index += 1
+                    if next_index == failed_at:
+                        raise failure  # type: ignore[misc]
+                else:
+                    while finished:
+                        index = next(iter(finished))
+                        yield index, finished.pop(index)
+                    if failure is not None:
+                        raise failure
+        except KeyboardInterrupt:
+            going_on = ", ".join(f"item {i} ({r or 'no request id'})" for i, r in sorted(dict(in_flight).items()))
+            message = f"map of {service_id} interrupted; runs that go on: {going_on or 'none'}"
+            logger.warning(message)
+            raise KeyboardInterrupt(message) from None
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=False)
+
+    def _map_item(self, service_id: str, item: Any, options: Dict[str, Any], index: int,
+                  in_flight: Dict[int, Optional[str]]) -> Any:
+        """One item of a map: a run under a request id known in advance, when one can be had."""
+        request_id = None
+        if options["fallback"] == "resume" and not self._one_time_key():
+            request_id = self._provision(self._deadline(options["timeout"]))
+        in_flight[index] = request_id
+        try:
+            return self.run(service_id, item, request_id=request_id, **options)
+        finally:
+            del in_flight[index]
 
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""
@@ -565,12 +693,14 @@ class Client:
         if headers:
             all_headers.update(headers)
         retries = 0 if self._one_time_key() else self.max_retries
+        is_run = not resend  # the calls a limit on concurrent executions counts
         attempt = 0
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not self._gate.enter(deadline, is_run):
                 raise APITimeoutError(f"{method} {_strip_query(url_path)}: deadline passed", request_id=request_id)
+            left = deadline - time.monotonic()
             cause: Optional[BaseException] = None
+            succeeded = False
             try:
                 response = self._session().request(
                     method,
@@ -591,17 +721,23 @@ class Client:
             else:
                 status = response.status_code
                 if status < 300 or status in not_yet:
+                    succeeded = True
                     return response
                 error = self._status_error(method, url_path, response, request_id)
                 from_workflow = response.headers.get("Error-Origin") == "service"
                 retryable = not from_workflow and (status in (429, 503) or (resend and status in (500, 502, 504)))
                 retry_after = _retry_after(response)
                 wait = _backoff(attempt) if retry_after is None else retry_after
+                if status == 429 and not from_workflow:
+                    self._gate.slow_down(wait, is_run)  # every thread waits it out, in gate.enter()
+            finally:
+                self._gate.leave(is_run, succeeded)
             if not retryable or attempt == retries or time.monotonic() + wait >= deadline:
                 raise error from cause
             attempt += 1
-            logger.info("%s %s failed (%s); retry %d of %d in %.2f s", method, _strip_query(url_path), error, attempt, retries, wait)
-            time.sleep(wait)
+            logger.info("%s %s failed (%s); retry %d of %d", method, _strip_query(url_path), error, attempt, retries)
+            if not isinstance(error, RateLimitError):
+                time.sleep(wait)
 
     def _headers(self) -> Dict[str, str]:
         """The headers of every API call, with the key read now if it was not given."""
@@ -882,6 +1018,60 @@ def _without_query(url: str) -> str:
     """A URL without its query, which for a presigned URL holds the signature."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+# -- rate limits -------------------------------------------------------------------------------
+
+
+class _RateGate:
+    """What a client's threads share after a 429: a pause, and a limit on runs in flight.
+
+    When the server says "too many", every thread waits until its Retry-After has passed, and
+    the number of runs in flight is halved; each run let through raises the limit again (AIMD,
+    as TCP does). Without the halving, all threads would fire together after every pause.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._pause_until = 0.0
+        self._limit: Optional[float] = None  # runs allowed in flight; None until the first 429
+        self._in_flight = 0
+
+    def enter(self, deadline: float, is_run: bool) -> bool:
+        """Wait until a call may be sent; False if the deadline came first."""
+        if not is_run and self._pause_until <= time.monotonic():
+            return True
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                if now < self._pause_until:
+                    self._changed.wait(min(self._pause_until, deadline) - now)
+                elif is_run and self._limit is not None and self._in_flight >= self._limit:
+                    self._changed.wait(deadline - now)
+                else:
+                    break
+            if is_run:
+                self._in_flight += 1
+            return True
+
+    def leave(self, is_run: bool, succeeded: bool) -> None:
+        if is_run:
+            with self._changed:
+                self._in_flight -= 1
+                if succeeded and self._limit is not None:
+                    self._limit += 1 / self._limit
+                self._changed.notify_all()
+
+    def slow_down(self, seconds: float, is_run: bool) -> None:
+        """A 429: pause every thread, and halve the runs in flight once per pause."""
+        with self._changed:
+            now = time.monotonic()
+            if is_run and now >= self._pause_until:
+                self._limit = max(1.0, self._in_flight / 2)
+            self._pause_until = max(self._pause_until, now + seconds)
+            logger.info("rate limited: every thread waits %.2f s, then at most %s runs in flight", seconds, self._limit)
 
 
 # -- log streams -------------------------------------------------------------------------------

@@ -35,6 +35,13 @@ def _echo(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     return 200, inputs, "application/json"
 
 
+def _check(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    """Echoes its inputs, unless they hold {"fail": "why"}: then a 422 with that detail."""
+    if inputs.get("fail"):
+        return 422, {"detail": inputs["fail"]}, "application/json"
+    return 200, inputs, "application/json"
+
+
 def _sleep(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     seconds = float(inputs.get("seconds", 1))
     steps = int(inputs.get("lines", 0))
@@ -67,7 +74,7 @@ def _talk(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     return 200, {"lines": int(inputs.get("lines", 10))}, "application/json"
 
 
-SERVICES = {"echo": _echo, "sleep": _sleep, "fail": _fail, "text": _text, "empty": _empty, "talk": _talk}
+SERVICES = {"echo": _echo, "check": _check, "sleep": _sleep, "fail": _fail, "text": _text, "empty": _empty, "talk": _talk}
 
 
 class Fault:
@@ -98,6 +105,10 @@ class FakeRuntime:
         self.ignore_after = False  # True: /logs sends every entry again, whatever ?after= says
         self.logs_never_end = False  # True: /logs stays open after the run has ended
         self.keep_alive = True  # False: /logs says nothing while the run is silent
+        self.concurrency_limit: Optional[int] = None  # more runs at once than this get a 429
+        self.rate_limit_retry_after = "0.2"
+        self.running = 0  # runs executing now
+        self.most_running = 0
         self.executions: collections.Counter = collections.Counter()  # service id -> runs started
         self.calls: List[Dict[str, Any]] = []  # every request received: method, path, query, headers, body
         self.faults: List[Fault] = []
@@ -164,6 +175,7 @@ class FakeRuntime:
         with self.lock:
             self.executions[service_id] += 1
             self.records[request_id]["startedAt"] = now_iso()
+            self.most_running = max(self.most_running, self.running)  # counted in by the handler
 
         def log(message: str) -> None:
             with self.lock:
@@ -185,6 +197,7 @@ class FakeRuntime:
             else:
                 record["responseContent"] = body.decode()
             record["completedAt"] = now_iso()
+            self.running -= 1
             self.lock.notify_all()
 
     def check_key(self, header: Optional[str]) -> bool:
@@ -283,7 +296,7 @@ class _ApiHandler(_Handler):
         runtime = self.runtime
         with runtime.lock:
             runtime.calls.append({"method": method, "path": path, "query": query,
-                                  "headers": dict(self.headers), "body": body})
+                                  "headers": dict(self.headers), "body": body, "at": time.monotonic()})
         if not runtime.check_key(self.headers.get("Authorization")):
             return self.send(401, {"detail": "Invalid or missing API key"})
         fault = runtime.take_fault(method, path)
@@ -320,6 +333,15 @@ class _ApiHandler(_Handler):
         provisioned = self.headers.get("X-Provisioned-Request-Id")
         if provisioned and provisioned not in runtime.records:
             return self.send(404, {"detail": "Provisioned request not found"})
+        with runtime.lock:
+            limited = runtime.concurrency_limit is not None and runtime.running >= runtime.concurrency_limit
+            if limited:
+                runtime.faults_applied["429 concurrency"] += 1
+            else:
+                runtime.running += 1  # until execute() ends
+        if limited:
+            return self.send(429, {"detail": "Too many concurrent executions"},
+                             headers={"Retry-After": runtime.rate_limit_retry_after})
         request_id = runtime.new_record(service_id, provisioned)
         worker = threading.Thread(target=runtime.execute, args=(request_id, service_id, inputs), daemon=True)
         worker.start()
