@@ -278,7 +278,7 @@ class Client:
         self._proxies = requests.utils.get_environ_proxies(self.base_url)
         self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._local = threading.local()
-        self._sessions: List[requests.Session] = []
+        self._adapters: List[requests.adapters.HTTPAdapter] = []
         self._lock = threading.Lock()
         self._gate = _RateGate()
 
@@ -303,10 +303,10 @@ class Client:
     def close(self) -> None:
         """Close the connections this client opened (not those of a session it was given)."""
         with self._lock:
-            sessions, self._sessions = self._sessions, []
+            adapters, self._adapters = self._adapters, []
             self._local = threading.local()
-        for session in sessions:
-            session.close()
+        for adapter in adapters:
+            adapter.close()
 
     # -- running workflows ------------------------------------------------------------------
 
@@ -702,17 +702,8 @@ class Client:
             cause: Optional[BaseException] = None
             succeeded = False
             try:
-                response = self._session().request(
-                    method,
-                    self.base_url + url_path,
-                    data=body,
-                    headers=all_headers,
-                    timeout=(min(self.connect_timeout, left), min(read_timeout, left)),
-                    allow_redirects=False,
-                    proxies=self._proxies,
-                    verify=self._verify,
-                    stream=stream,
-                )
+                timeout = (min(self.connect_timeout, left), min(read_timeout, left))
+                response = self._send(method, self.base_url + url_path, body, all_headers, timeout, stream)
             except requests.RequestException as exc:
                 cause = exc
                 error: CodewordsError = _connection_error(method, url_path, exc, request_id)
@@ -759,18 +750,32 @@ class Client:
     def _one_time_key(self) -> bool:
         return self._key().startswith(ONE_TIME_KEY_PREFIX)
 
-    def _session(self) -> requests.Session:
-        """This thread's session: requests does not promise that one is safe to share."""
+    def _send(
+        self, method: str, url: str, body: Optional[bytes], headers: Dict[str, str], timeout: Tuple[float, float], stream: bool
+    ) -> requests.Response:
+        """One HTTP exchange: through a session given to the client, as it is set up, or else
+        straight through this thread's requests adapter, which skips the session's per-call
+        merging of settings, cookies and environment (a fifth of a call's time on loopback)."""
         if self._given_session is not None:
-            return self._given_session
-        session: Optional[requests.Session] = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # read once in __init__, not on every call
+            return self._given_session.request(
+                method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=stream
+            )
+        prepared = requests.PreparedRequest()
+        prepared.prepare(method=method, url=url, headers=headers, data=body)
+        response = self._adapter().send(prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies)
+        if not stream:
+            response.content  # read it here, so that a truncated body fails inside the retry loop
+        return response
+
+    def _adapter(self) -> requests.adapters.HTTPAdapter:
+        """This thread's connection pool: requests does not promise that one is safe to share."""
+        adapter: Optional[requests.adapters.HTTPAdapter] = getattr(self._local, "adapter", None)
+        if adapter is None:
+            adapter = requests.adapters.HTTPAdapter()
             with self._lock:
-                self._sessions.append(session)
-                self._local.session = session
-        return session
+                self._adapters.append(adapter)
+                self._local.adapter = adapter
+        return adapter
 
     def _status_error(
         self, method: str, url_path: str, response: requests.Response, request_id: Optional[str]

@@ -291,7 +291,7 @@ def test_details(runtime, client):
 # -- sessions and threads ----------------------------------------------------------------------
 
 
-def test_threads_share_a_client_with_a_session_each(runtime, client):
+def test_threads_share_a_client_with_a_connection_pool_each(runtime, client):
     errors, outputs = [], {}
 
     def work(n):
@@ -308,7 +308,7 @@ def test_threads_share_a_client_with_a_session_each(runtime, client):
         thread.join()
     assert errors == []
     assert outputs == {(n, i): {"n": n, "i": i} for n in range(8) for i in range(15)}
-    assert len(client._sessions) == 8
+    assert len(client._adapters) == 8
 
 
 def test_a_given_session_is_used_and_left_open(runtime):
@@ -317,18 +317,18 @@ def test_a_given_session_is_used_and_left_open(runtime):
     session = requests.Session()
     with cw.Client(runtime.api_key, base_url=runtime.url, session=session) as client:
         client.run("echo", fallback=None)
-        assert client._sessions == []
+        assert client._adapters == []
     assert session.adapters  # still usable by its owner
     session.close()
 
 
 def test_close_closes_and_the_client_can_be_used_again(runtime, client):
     client.run("echo", fallback=None)
-    (session,) = client._sessions
+    (adapter,) = client._adapters
     client.close()
-    assert client._sessions == []
+    assert client._adapters == []
     assert client.run("echo", {"again": True}, fallback=None) == {"again": True}
-    assert client._sessions and client._sessions[0] is not session
+    assert client._adapters and client._adapters[0] is not adapter
 
 
 def client_for(runtime, **settings):
