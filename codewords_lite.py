@@ -27,7 +27,6 @@ Every error is a ``CodewordsError``::
     └── RunTimeout(CodewordsError, TimeoutError)          a deadline passed; .request_id
 """
 
-import calendar
 import collections.abc
 import concurrent.futures
 import contextlib
@@ -40,9 +39,9 @@ import logging
 import math
 import mimetypes
 import os
-import shutil
 import random
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -54,20 +53,20 @@ import requests
 
 __version__ = "0.1.0"
 __all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
     "Client",
-    "Run",
     "CodewordsError",
     "ConfigurationError",
-    "APIConnectionError",
-    "APITimeoutError",
-    "APIStatusError",
-    "AuthenticationError",
+    "GatewayTimeout",
     "NotFoundError",
     "RateLimitError",
-    "ServerError",
-    "GatewayTimeout",
+    "Run",
     "RunFailed",
     "RunTimeout",
+    "ServerError",
 ]
 
 logger = logging.getLogger("codewords_lite")
@@ -98,6 +97,7 @@ LOG_BACKOFF = (0.5, 5.0)  # first and longest sleep before reconnecting a droppe
 LOG_RECONNECTS = 10  # reconnects in a row, with no entry between them, before giving up
 LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404
 LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
+LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
 
 UPLOAD_BLOCK = 1 << 20  # bytes read from the source per write to the socket
 UPLOAD_READ_TIMEOUT = 120.0  # for the storage host's answer to a PUT
@@ -450,7 +450,7 @@ class Client:
     ) -> Iterator[Any]:
         items = enumerate(inputs)
         window = 2 * max_workers  # runs in flight, queued, or finished and waiting for their turn
-        pending: Dict["concurrent.futures.Future[Any]", int] = {}
+        pending: Dict[concurrent.futures.Future[Any], int] = {}
         finished: Dict[int, Any] = {}
         in_flight: Dict[int, Optional[str]] = {}  # index -> request id, to say what goes on after a Ctrl-C
         next_index, done, reading = 0, 0, True
@@ -507,8 +507,9 @@ class Client:
                 future.cancel()
             pool.shutdown(wait=False)
 
-    def _map_item(self, service_id: str, item: Any, options: Dict[str, Any], index: int,
-                  in_flight: Dict[int, Optional[str]]) -> Any:
+    def _map_item(
+        self, service_id: str, item: Any, options: Dict[str, Any], index: int, in_flight: Dict[int, Optional[str]]
+    ) -> Any:
         """One item of a map: a run under a request id known in advance, when one can be had."""
         request_id = None
         if options["fallback"] == "resume" and not self._one_time_key():
@@ -568,7 +569,10 @@ class Client:
                     headers["Content-Type"] = content_type or "application/octet-stream"
             else:
                 guessed = mimetypes.guess_type(filename)[0]
-                headers = {"Content-Type": content_type or guessed or "application/octet-stream", "x-amz-acl": "public-read"}
+                headers = {
+                    "Content-Type": content_type or guessed or "application/octet-stream",
+                    "x-amz-acl": "public-read",
+                }
             self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers)
         return download_uri
 
@@ -611,7 +615,9 @@ class Client:
                 if not retryable or attempt == self.max_retries:
                     raise error from cause
                 attempt += 1
-                logger.info("PUT %s failed (%s); retry %d of %d in %.2f s", where, error, attempt, self.max_retries, wait)
+                logger.info(
+                    "PUT %s failed (%s); retry %d of %d in %.2f s", where, error, attempt, self.max_retries, wait
+                )
                 time.sleep(wait)
 
     # -- the machinery ----------------------------------------------------------------------
@@ -659,7 +665,9 @@ class Client:
                 )
             except APIConnectionError as exc:
                 if time.monotonic() >= deadline:
-                    raise RunTimeout(f"run {request_id} did not finish before the deadline", request_id=request_id) from exc
+                    raise RunTimeout(
+                        f"run {request_id} did not finish before the deadline", request_id=request_id
+                    ) from exc
                 raise
             if response.status_code < 300:
                 return _record_in(response, request_id)
@@ -751,20 +759,29 @@ class Client:
         return self._key().startswith(ONE_TIME_KEY_PREFIX)
 
     def _send(
-        self, method: str, url: str, body: Optional[bytes], headers: Dict[str, str], timeout: Tuple[float, float], stream: bool
+        self,
+        method: str,
+        url: str,
+        body: Optional[bytes],
+        headers: Dict[str, str],
+        timeout: Tuple[float, float],
+        stream: bool,
     ) -> requests.Response:
         """One HTTP exchange: through a session given to the client, as it is set up, or else
         straight through this thread's requests adapter, which skips the session's per-call
         merging of settings, cookies and environment (a fifth of a call's time on loopback)."""
         if self._given_session is not None:
-            return self._given_session.request(
+            response = self._given_session.request(
                 method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=stream
             )
-        prepared = requests.PreparedRequest()
-        prepared.prepare(method=method, url=url, headers=headers, data=body)
-        response = self._adapter().send(prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies)
+        else:
+            prepared = requests.PreparedRequest()
+            prepared.prepare(method=method, url=url, headers=headers, data=body)
+            response = self._adapter().send(
+                prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
+            )
         if not stream:
-            response.content  # read it here, so that a truncated body fails inside the retry loop
+            _check_complete(response)
         return response
 
     def _adapter(self) -> requests.adapters.HTTPAdapter:
@@ -792,8 +809,8 @@ class Client:
         if request_id:
             message += f" (request {request_id})"
         key = self._api_key or os.environ.get(API_KEY_ENV)
-        if key:
-            message = message.replace(key, "***")
+        if key:  # a server may echo the key back: keep it out of what gets printed and logged
+            message, detail = _masked(message, key), _masked(detail, key)
         cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
         if status == 504 and response.headers.get("Error-Origin") == "service":
             cls = ServerError  # the workflow's own 504, not the gateway giving up
@@ -817,15 +834,21 @@ _ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\
 _BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 _XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
 _XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
-_STATUS_ERRORS = {401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError, 429: RateLimitError, 504: GatewayTimeout}
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_STATUS_ERRORS = {
+    401: AuthenticationError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    429: RateLimitError,
+    504: GatewayTimeout,
+}
 
 
 def _check_base_url(url: str) -> str:
     """The base URL without a trailing slash: https, or http to a loopback host."""
     parts = urlsplit(url)
     try:
-        host = parts.hostname or ""
-        parts.port  # raises ValueError for a port that is not a number
+        host, _ = parts.hostname or "", parts.port  # the port raises ValueError when it is not a number
     except ValueError:
         raise ConfigurationError(f"bad base URL {url!r}: its port is not a number") from None
     if not host or parts.username or parts.password or parts.query or parts.fragment:
@@ -910,6 +933,17 @@ def _describe(detail: Any) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+def _masked(value: Any, secret: str) -> Any:
+    """The value with every occurrence of the secret in its strings replaced by ***."""
+    if isinstance(value, str):
+        return value.replace(secret, "***")
+    if isinstance(value, list):
+        return [_masked(item, secret) for item in value]
+    if isinstance(value, dict):
+        return {_masked(k, secret): _masked(v, secret) for k, v in value.items()}
+    return value
+
+
 def _request_id_in(response: requests.Response) -> str:
     """The ``request_id`` of an answer to /run_async or /provision-request."""
     body = _decode(response.content)
@@ -968,17 +1002,40 @@ def _nothing_sent(exc: BaseException) -> bool:
         seen.add(id(error))
         if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
             return True
-        todo.extend(e for e in (error.__cause__, error.__context__, getattr(error, "reason", None)) if isinstance(e, BaseException))
+        todo.extend(
+            e
+            for e in (error.__cause__, error.__context__, getattr(error, "reason", None))
+            if isinstance(e, BaseException)
+        )
         todo.extend(a for a in error.args if isinstance(a, BaseException))
     return False
 
 
+def _check_complete(response: requests.Response) -> None:
+    """Read the body now and raise ConnectionError if it is shorter than its Content-Length,
+    which urllib3 before 2.0 lets through, so that a cut answer is retried, not decoded."""
+    declared = response.headers.get("Content-Length", "")
+    received = len(response.content)
+    if declared.isdigit() and "Content-Encoding" not in response.headers and received < int(declared):
+        raise requests.ConnectionError(f"the connection closed after {received} of {declared} bytes of the answer")
+
+
 def _is_transport_failure(exc: requests.RequestException) -> bool:
     """A dropped connection, a timeout or a truncated body: worth asking again if it is safe."""
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError))
+    return isinstance(
+        exc,
+        (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError,
+        ),
+    )
 
 
-def _connection_error(method: str, url_path: str, exc: requests.RequestException, request_id: Optional[str]) -> APIConnectionError:
+def _connection_error(
+    method: str, url_path: str, exc: requests.RequestException, request_id: Optional[str]
+) -> APIConnectionError:
     cls = APITimeoutError if isinstance(exc, requests.Timeout) else APIConnectionError
     return cls(f"{method} {_strip_query(url_path)} failed: {exc}", request_id=request_id)
 
@@ -988,18 +1045,17 @@ def _retry_after(response: requests.Response) -> Optional[float]:
     value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
+    seconds: float
     try:
         seconds = float(value)
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        seconds = when.timestamp() - time.time()
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
+            return None  # not a date either
     if math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
@@ -1008,7 +1064,7 @@ def _retry_after(response: requests.Response) -> Optional[float]:
 def _backoff(attempt: int) -> float:
     """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s ... never above 8 s."""
     first, longest = RETRY_BACKOFF
-    return min(first * 2**attempt, longest) * random.uniform(0.5, 1.0)
+    return min(first * 2.0**attempt, longest) * random.uniform(0.5, 1.0)
 
 
 def _sleep_until_at_most(seconds: float, deadline: float) -> None:
@@ -1201,6 +1257,8 @@ def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
             for line in pending[:end].split(b"\n"):
                 yield bytes(line)
             del pending[: end + 1]
+        if len(pending) > LOG_LINE_MAX:
+            raise CodewordsError(f"the log stream sent a line longer than {LOG_LINE_MAX >> 20} MiB: it is not a log")
     if pending:
         yield bytes(pending)
 
@@ -1227,12 +1285,15 @@ def _instant(timestamp: str) -> Optional[int]:
     if not match:
         return None
     year, month, day, hour, minute, second, fraction, zone = match.groups()
-    offset = 0
+    offset = datetime.timedelta(0)
     if zone and zone not in "Zz":
-        sign = -1 if zone[0] == "-" else 1
-        offset = sign * (int(zone[1:3]) * 3600 + int(zone[-2:]) * 60)
-    fields = (int(year), int(month), int(day), int(hour), int(minute), int(second))
-    seconds = calendar.timegm(fields) - offset
+        offset = (-1 if zone[0] == "-" else 1) * datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[-2:]))
+    try:
+        fields = (int(year), int(month), int(day), int(hour), int(minute), int(second))
+        moment = datetime.datetime(*fields, tzinfo=datetime.timezone(offset))
+    except ValueError:
+        return None  # no such day, hour or zone
+    seconds = (moment - _EPOCH) // datetime.timedelta(seconds=1)
     return seconds * 10**9 + int((fraction or "").ljust(9, "0")[:9])
 
 
@@ -1264,8 +1325,13 @@ class _UploadBody:
     accept, so a large file goes out in few system calls.
     """
 
-    def __init__(self, source: Union[IO[bytes], memoryview], start: int, size: int,
-                 on_progress: Optional[Callable[[int, int], Any]]) -> None:
+    def __init__(
+        self,
+        source: Union[IO[bytes], memoryview],
+        start: int,
+        size: int,
+        on_progress: Optional[Callable[[int, int], Any]],
+    ) -> None:
         self._source, self._start, self._size, self._on_progress = source, start, size, on_progress
         self._sent = 0
         self._reported = 0.0
@@ -1281,6 +1347,7 @@ class _UploadBody:
 
     def read(self, size: int = -1) -> bytes:
         count = min(UPLOAD_BLOCK, self._size - self._sent)
+        block: Union[bytes, memoryview]
         if isinstance(self._source, memoryview):
             block = self._source[self._sent : self._sent + count]
         else:
@@ -1335,7 +1402,12 @@ class _upload_source:
 def _check_filename(filename: Optional[str]) -> str:
     if filename is None:
         raise ValueError("upload needs filename= when the source is not a path")
-    if not isinstance(filename, str) or not filename.strip() or filename in (".", "..") or _BAD_FILENAME.search(filename):
+    if (
+        not isinstance(filename, str)
+        or not filename.strip()
+        or filename in (".", "..")
+        or _BAD_FILENAME.search(filename)
+    ):
         raise ValueError(f"bad filename {filename!r}: want a plain file name such as 'data.csv'")
     return filename
 
@@ -1350,10 +1422,13 @@ def _upload_answer(response: requests.Response) -> Tuple[str, str, Optional[Dict
         )
         if isinstance(upload_uri, str) and isinstance(download_uri, str) and good_headers:
             parts = urlsplit(upload_uri)
-            if parts.hostname and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname))):
+            if parts.hostname and (
+                parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname))
+            ):
                 return upload_uri, download_uri, headers
     raise APIStatusError(
-        f"{response.status_code} from POST /file: expected an https upload_uri and a download_uri, got {_describe(body)[:200]}",
+        f"{response.status_code} from POST /file: expected an https upload_uri and a download_uri,"
+        f" got {_describe(body)[:200]}",
         status_code=response.status_code,
         body=body,
     )
@@ -1477,8 +1552,12 @@ def _cli_parser(argparse: Any) -> Any:
     inputs_arguments(run)
     run.add_argument("--logs", action="store_true", help="print the run's log lines to standard error")
     run.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
-    run.add_argument("--fallback", choices=["resume", "rerun", "off"], default="resume",
-                     help="what to do when the gateway gives up (default resume)")
+    run.add_argument(
+        "--fallback",
+        choices=["resume", "rerun", "off"],
+        default="resume",
+        help="what to do when the gateway gives up (default resume)",
+    )
     start = command("start", _cli_start, "start a workflow in the background and print its request id")
     inputs_arguments(start)
     result = command("result", _cli_result, "wait for a run and print its output")
@@ -1504,8 +1583,15 @@ def _cli_run(client: Client, args: Any, status: "_Status") -> Any:
     if on_log is not None or fallback == "resume":
         status.request_id = client.provision()  # known now, so that an interrupted wait can be resumed
     with status.showing(status.wait_line()):
-        return client.run(args.service_id, inputs, path=args.path, timeout=args.timeout, fallback=fallback,
-                          on_log=on_log, request_id=status.request_id)
+        return client.run(
+            args.service_id,
+            inputs,
+            path=args.path,
+            timeout=args.timeout,
+            fallback=fallback,
+            on_log=on_log,
+            request_id=status.request_id,
+        )
 
 
 def _cli_start(client: Client, args: Any, status: "_Status") -> Any:

@@ -13,7 +13,9 @@ import collections
 import datetime
 import hashlib
 import json
+import random
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -109,6 +111,7 @@ class FakeRuntime:
         self.rate_limit_retry_after = "0.2"
         self.running = 0  # runs executing now
         self.most_running = 0
+        self._chaos: Optional[Tuple[float, random.Random, str]] = None
         self.executions: collections.Counter = collections.Counter()  # service id -> runs started
         self.calls: List[Dict[str, Any]] = []  # every request received: method, path, query, headers, body
         self.faults: List[Fault] = []
@@ -143,6 +146,15 @@ class FakeRuntime:
             self.faults.append(fault)
         return fault
 
+    def chaos(self, rate: float, seed: int, retry_after: str = "0.05") -> None:
+        """Hit about ``rate`` of all API requests with a random fault, drawn from a seeded generator.
+
+        A run POST only gets faults that turn it away before it runs (429, 503) or delay it: any
+        other fault there would leave the client unable to tell whether the workflow ran, which
+        it reports as an error rather than risk running it twice. Other calls get them all.
+        """
+        self._chaos = (rate, random.Random(seed), retry_after)
+
     def calls_to(self, method: str, prefix: str) -> List[Dict[str, Any]]:
         with self.lock:
             return [c for c in self.calls if c["method"] == method and c["path"].startswith(prefix)]
@@ -160,7 +172,20 @@ class FakeRuntime:
                 if fault.matches(method, path):
                     fault.times -= 1
                     return fault
-        return None
+            if self._chaos is None or path.startswith(("/logs/", "/file", "/upload/")):
+                return None
+            rate, draw, retry_after = self._chaos
+            if draw.random() >= rate:
+                return None
+            if method == "POST" and path.startswith(("/run/", "/run_async/")):
+                kind = draw.choice(["429", "503", "slow"])
+            else:
+                kind = draw.choice(["429", "502", "503", "504", "drop", "truncate", "slow"])
+        if kind == "slow":
+            return Fault(method, path, delay=0.05)
+        if kind in ("drop", "truncate"):
+            return Fault(method, path, **{kind: True})
+        return Fault(method, path, status=int(kind), retry_after=retry_after if kind in ("429", "503") else None)
 
     def new_record(self, service_id: Optional[str] = None, request_id: Optional[str] = None) -> str:
         request_id = request_id or "req_" + uuid.uuid4().hex[:16]
@@ -210,9 +235,16 @@ class FakeRuntime:
         return True
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # sockets dropped on purpose, or by the client
+            super().handle_error(request, client_address)
+
+
 def _serve(runtime: FakeRuntime, handler: type, port: int = 0) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", port), handler)
     server.runtime = runtime  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server

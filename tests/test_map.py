@@ -1,6 +1,7 @@
 """Many runs at once: map over threads, the shared rate-limit backoff, and clients in other processes."""
 
 import concurrent.futures
+import multiprocessing
 import os
 import pickle
 import signal
@@ -152,7 +153,8 @@ def run_in_child(client, service_id, inputs):
 
 
 def test_a_pickled_client_works_in_a_process_pool(runtime, client):
-    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited but the pickle
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
         results = list(pool.map(run_in_child, [client] * 4, ["echo"] * 4, [{"i": i} for i in range(4)]))
     assert [output for _, output in results] == [{"i": i} for i in range(4)]
     assert all(pid != os.getpid() for pid, _ in results)

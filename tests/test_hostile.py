@@ -1,0 +1,186 @@
+"""Hostile or broken servers: each gets a clear CodewordsError or the documented result, never a
+bare requests exception, a hang, or a key sent where it should not go."""
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+import codewords_lite as cw
+from fake_runtime import FakeRuntime
+
+
+class Hostile:
+    """A server on 127.0.0.1 that answers every request with the same bytes, and records the requests."""
+
+    def __init__(self, body: bytes, status: int = 200, headers=None, close_after=True):
+        self.requests = []
+        hostile = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.answer()
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.answer()
+
+            def answer(self):
+                hostile.requests.append((self.command, self.path, dict(self.headers)))
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                if close_after:  # no Content-Length: the body ends when the connection does
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def client_of(server, **settings):
+    return cw.Client("cwk-hostile-test-key", base_url=server.url, **settings)
+
+
+# -- bodies ------------------------------------------------------------------------------------
+
+
+def test_a_blocking_run_answered_with_non_json_gives_the_text():
+    with Hostile(b"<html>Service Unavailable</html>", close_after=False) as server:
+        assert client_of(server).run("svc", fallback=None) == "<html>Service Unavailable</html>"
+
+
+@pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"request_id": 42}', b'{"request_id": "../../etc"}', b"[]", b""])
+def test_a_start_answered_with_no_usable_request_id(body):
+    with Hostile(body, close_after=False) as server:
+        with pytest.raises(cw.APIStatusError, match="expected a JSON object with a request_id"):
+            client_of(server).start("svc")
+
+
+@pytest.mark.parametrize("body", [b"<html>oops</html>", b'"done"', b"[1, 2]", b"null"])
+def test_a_result_that_is_not_a_record(body):
+    with Hostile(body, close_after=False) as server:
+        with pytest.raises(cw.APIStatusError, match="not a JSON object"):
+            client_of(server).result("req_1")
+
+
+@pytest.mark.parametrize(
+    "record, output",
+    [
+        ({"responseStatus": "teapot", "responseJson": 1}, 1),
+        ({"responseStatus": 200.0, "responseContent": 17}, None),
+        ({"responseStatus": [500], "responseJson": {"detail": "x"}}, {"detail": "x"}),
+        ({"id": "req_1"}, None),
+    ],
+)
+def test_a_record_with_oddly_typed_fields(record, output):
+    with Hostile(json.dumps(record).encode(), close_after=False) as server:
+        assert client_of(server).result("req_1") == output
+
+
+def test_a_truncated_answer_to_a_run_is_an_error_and_not_sent_again(runtime, client):
+    runtime.fault("POST", "/run/", truncate=True, after_run=True)
+    with pytest.raises(cw.APIConnectionError) as info:
+        client.run("echo", {"a": 1})
+    assert info.value.request_id  # so that the caller can look for the run
+    assert client.result(info.value.request_id) == {"a": 1}
+    assert runtime.executions["echo"] == 1 and len(runtime.calls_to("POST", "/run/")) == 1
+
+
+def test_a_truncated_answer_to_a_get_is_retried_then_reported(runtime, client, quick_retries):
+    runtime.fault("GET", "/request/", truncate=True, times=10)
+    with pytest.raises(cw.APIConnectionError, match="GET /request/req_x failed"):
+        client.details("req_x")
+    assert len(runtime.calls_to("GET", "/request/")) == client.max_retries + 1
+
+
+# -- log streams -------------------------------------------------------------------------------
+
+
+def test_a_10_mib_log_line_is_delivered_whole():
+    big = json.dumps({"createdAt": "2026-01-01T00:00:01Z", "message": "x" * (10 << 20)}).encode()
+    body = b'{"createdAt": "2026-01-01T00:00:00Z", "message": "before"}\n' + big + b'\n{"createdAt": "2026-01-01T00:00:02Z", "message": "after"}\n'
+    with Hostile(body) as server:
+        entries = list(client_of(server).logs("req_1"))
+    assert [len(e["message"]) for e in entries] == [6, 10 << 20, 5]
+
+
+def test_a_log_line_that_never_ends_is_refused():
+    with Hostile(b"x" * (cw.LOG_LINE_MAX + (1 << 20))) as server:
+        with pytest.raises(cw.CodewordsError, match="longer than 16 MiB"):
+            list(client_of(server).logs("req_1"))
+
+
+def test_a_garbage_log_stream_gives_raw_text_entries():
+    garbage = random.Random(7).randbytes(256 * 1024) if hasattr(random.Random, "randbytes") else bytes(
+        random.Random(7).getrandbits(8) for _ in range(256 * 1024))
+    with Hostile(garbage) as server:
+        entries = list(client_of(server).logs("req_1"))
+    assert entries and all(set(e) == {"rawText"} or isinstance(e, dict) for e in entries)
+
+
+def test_a_log_stream_answered_with_an_error_status():
+    with Hostile(b'{"detail": "logs are off"}', status=403, close_after=False) as server:
+        with pytest.raises(cw.AuthenticationError, match="logs are off"):
+            list(client_of(server).logs("req_1"))
+
+
+# -- redirects: the key stays home -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, path, call", [
+    ("POST", "/run/", lambda c: c.run("echo", fallback=None)),
+    ("POST", "/provision-request", lambda c: c.provision()),
+    ("GET", "/result/", lambda c: c.result("req_1")),
+    ("GET", "/logs/", lambda c: list(c.logs("req_1"))),
+])
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_to_another_host_is_not_followed(runtime, client, method, path, call, status):
+    with FakeRuntime(api_key=runtime.api_key) as elsewhere:
+        runtime.fault(method, path, status=status, headers={"Location": f"{elsewhere.url}/steal"})
+        with pytest.raises(cw.APIStatusError, match="redirected to .*, which is not followed"):
+            call(client)
+        assert elsewhere.calls == []
+
+
+def test_an_upload_redirected_elsewhere_is_not_followed(runtime, client):
+    with FakeRuntime() as elsewhere:
+        runtime.fault("PUT", "/upload/", status=307, headers={"Location": f"{elsewhere.storage_url}/upload/x"})
+        with pytest.raises(cw.APIStatusError, match="307"):
+            client.upload(b"secret data", filename="a.txt")
+        assert elsewhere.storage_calls == []
+
+
+@pytest.mark.parametrize("declared, body, complete", [("10", b"12345", False), ("5", b"12345", True), ("", b"123", True)])
+def test_an_answer_shorter_than_its_content_length_is_a_dropped_connection(declared, body, complete):
+    # urllib3 2 refuses such a body itself; urllib3 1.26, which requests 2.25 brings, lets it through
+    answer = requests.Response()
+    answer._content = body
+    if declared:
+        answer.headers["Content-Length"] = declared
+    if complete:
+        cw._check_complete(answer)
+    else:
+        with pytest.raises(requests.ConnectionError, match="after 5 of 10 bytes"):
+            cw._check_complete(answer)
