@@ -11,7 +11,8 @@
 A blocking run that outlives the gateway (HTTP 504 after about 120 s) is resumed, not run
 twice: ``run()`` provisions a request id first and, on a 504, waits for that same run.
 
-Every error is a ``CodewordsError``::
+Every failure of the service or the network is a ``CodewordsError``; bad arguments raise
+``TypeError``, ``ValueError`` or ``OSError`` (for a file) before anything is sent::
 
     CodewordsError
     ├── ConfigurationError(CodewordsError, ValueError)    missing key, bad URL, service id or path
