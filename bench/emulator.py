@@ -1,9 +1,9 @@
 """The emulator in a process of its own, so that its work does not share a GIL with the client measured.
 
-    with Emulator() as emulator:
-        emulator.url, emulator.storage_url, emulator.api_key
-        emulator.get("executions")            # any attribute of the FakeRuntime
-        emulator.set("gateway_timeout", 1.0)
+with Emulator() as emulator:
+    emulator.url, emulator.storage_url, emulator.api_key
+    emulator.get("executions")            # any attribute of the FakeRuntime
+    emulator.set("gateway_timeout", 1.0)
 """
 
 import multiprocessing

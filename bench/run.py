@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -36,9 +36,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import requests  # noqa: E402
+from emulator import Emulator  # noqa: E402
 
 import codewords_lite as cw  # noqa: E402
-from emulator import Emulator  # noqa: E402
 
 try:
     import codewords_client
@@ -110,7 +110,9 @@ def blocking_calls(emulator: Emulator, rounds: int) -> None:
         ratio = lean_time / medians["codewords-client (official, sync)"]
         row("blocking call", "no-fallback / official", f"{ratio:.2f} x", f"<= 1.0: {verdict(ratio <= 1.0)}")
     ratio = medians['codewords-lite, fallback="resume" (default)'] / lean_time
-    row("blocking call", "default / no-fallback (two round trips)", f"{ratio:.2f} x", f"<= 2.1: {verdict(ratio <= 2.1)}")
+    row(
+        "blocking call", "default / no-fallback (two round trips)", f"{ratio:.2f} x", f"<= 2.1: {verdict(ratio <= 2.1)}"
+    )
 
 
 # -- 2. noticing that a run has finished -------------------------------------------------------
@@ -124,7 +126,9 @@ def finish_delays(emulator: Emulator, rounds: int, seconds: float) -> None:
     auth = {"Authorization": f"Bearer {key}"}
 
     def guide_loop() -> str:  # the public guide: start with run_async, then GET /result until 200
-        request_id = session.post(f"{url}/run_async/sleep", json={"seconds": seconds}, headers=auth).json()["request_id"]
+        request_id = session.post(f"{url}/run_async/sleep", json={"seconds": seconds}, headers=auth).json()[
+            "request_id"
+        ]
         while session.get(f"{url}/result/{request_id}", headers=auth).status_code != 200:
             time.sleep(1.0)
         return request_id  # type: ignore[no-any-return]
@@ -134,8 +138,10 @@ def finish_delays(emulator: Emulator, rounds: int, seconds: float) -> None:
         run.wait()
         return run.request_id
 
-    contenders: Dict[str, Callable[[], str]] = {"codewords-lite start() + wait() (long poll)": lite_wait,
-                                                "the guide's poll loop (1 s sleeps)": guide_loop}
+    contenders: Dict[str, Callable[[], str]] = {
+        "codewords-lite start() + wait() (long poll)": lite_wait,
+        "the guide's poll loop (1 s sleeps)": guide_loop,
+    }
     if codewords_client:
         official = codewords_client.CodewordsClient(base_url=url, api_key=key)
 
@@ -188,9 +194,11 @@ def gateway_cuts(emulator: Emulator, rounds: int, duration: float, gateway: floa
                 return response.json()["responseJson"]
             time.sleep(1.0)
 
-    contenders = {'codewords-lite fallback="resume"': lambda: resume.run("sleep", inputs),
-                  'codewords-lite fallback="rerun"': lambda: rerun.run("sleep", inputs),
-                  "the guide's catch-504-then-run_async": guide}
+    contenders = {
+        'codewords-lite fallback="resume"': lambda: resume.run("sleep", inputs),
+        'codewords-lite fallback="rerun"': lambda: rerun.run("sleep", inputs),
+        "the guide's catch-504-then-run_async": guide,
+    }
     walls: Dict[str, List[float]] = {name: [] for name in contenders}
     runs: Dict[str, List[int]] = {name: [] for name in contenders}
     for _ in range(rounds):
@@ -248,18 +256,39 @@ def uploads(emulator: Emulator, rounds: int, size: int) -> None:
     key, url = emulator.api_key, emulator.url
 
     def in_a_process(kind: str) -> Tuple[float, float]:
-        result = subprocess.run([sys.executable, "-c", UPLOAD_SCRIPT, ROOT, kind, path, key, url],
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", UPLOAD_SCRIPT, ROOT, kind, path, key, url],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if result.returncode:
             raise RuntimeError(result.stderr)
         seconds, growth = result.stdout.split()
         return float(seconds), float(growth)
 
     def with_curl() -> Tuple[float, float]:
-        answer = requests.post(f"{url}/file", params={"filename": "large.bin"}, headers={"Authorization": f"Bearer {key}"}).json()
+        answer = requests.post(
+            f"{url}/file", params={"filename": "large.bin"}, headers={"Authorization": f"Bearer {key}"}
+        ).json()
         started = time.perf_counter()
-        subprocess.run(["curl", "-sS", "--fail", "-T", path, "-H", "Content-Type: application/octet-stream",
-                        "-H", "x-amz-acl: public-read", answer["upload_uri"]], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "-T",
+                path,
+                "-H",
+                "Content-Type: application/octet-stream",
+                "-H",
+                "x-amz-acl: public-read",
+                answer["upload_uri"],
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         return time.perf_counter() - started, float("nan")
 
     contenders: Dict[str, Callable[[], Tuple[float, float]]] = {"codewords-lite upload()": lambda: in_a_process("lite")}
@@ -294,8 +323,12 @@ def uploads(emulator: Emulator, rounds: int, size: int) -> None:
 
 
 def imports_and_sizes(rounds: int) -> None:
-    print(f"\n5. Import time ({rounds} fresh interpreters each) and what gets installed")
-    modules = {"nothing (python -c pass)": "pass", "requests": "import requests", "codewords_lite": "import codewords_lite"}
+    print(f"\n6. Import time ({rounds} fresh interpreters each) and what gets installed")
+    modules = {
+        "nothing (python -c pass)": "pass",
+        "requests": "import requests",
+        "codewords_lite": "import codewords_lite",
+    }
     if codewords_client:
         modules["codewords_client"] = "import codewords_client"
     # Every module from compiled bytecode, as pip leaves installed packages, whatever
@@ -303,8 +336,10 @@ def imports_and_sizes(rounds: int) -> None:
     cache = tempfile.mkdtemp(prefix="codewords-bench-pycache-")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = cache
-    contenders = {name: (lambda code=code: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True))
-                  for name, code in modules.items()}
+    contenders = {
+        name: (lambda code=code: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True))
+        for name, code in modules.items()
+    }
     try:
         medians = {name: statistics.median(times) for name, times in take_turns(contenders, rounds).items()}
     finally:
@@ -323,21 +358,31 @@ def imports_and_sizes(rounds: int) -> None:
 
 
 def _installed_closure(name: str) -> List[str]:
-    """The installed distributions that ``name`` needs, itself included (extras left out)."""
+    """The installed distributions that ``name`` needs, itself included, with the extras its
+    requirements ask for (``uvicorn[standard]``) but not its own optional extras."""
     seen: List[str] = []
-    todo = [name]
+    visited = set()
+    todo: List[Tuple[str, Tuple[str, ...]]] = [(name, ())]
     while todo:
-        current = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-        if current in seen:
+        current, extras = todo.pop()
+        current = re.sub(r"[-_.]+", "-", current).lower()
+        if (current, extras) in visited:
             continue
+        visited.add((current, extras))
         try:
             distribution = importlib.metadata.distribution(current)
         except importlib.metadata.PackageNotFoundError:
             continue
-        seen.append(current)
+        if current not in seen:
+            seen.append(current)
         for requirement in distribution.requires or []:
-            if "extra ==" not in requirement:
-                todo.append(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))  # type: ignore[union-attr]
+            wanted = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+            if wanted and wanted.group(1) not in extras:
+                continue
+            parts = re.match(r"([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?", requirement)
+            if parts:
+                asked = tuple(sorted(e.strip() for e in (parts.group(2) or "").split(",") if e.strip()))
+                todo.append((parts.group(1), asked))
     return seen
 
 
@@ -351,7 +396,7 @@ def _installed_size(name: str) -> int:
 
 def threads(emulator: Emulator, rounds: int, calls: int) -> None:
     workers = 16
-    print(f"\n6. {workers} threads, {calls} blocking calls each ({rounds} rounds each, taking turns)")
+    print(f"\n5. {workers} threads, {calls} blocking calls each ({rounds} rounds each, taking turns)")
     key, url = emulator.api_key, emulator.url
     auth = {"Authorization": f"Bearer {key}"}
     shared = cw.Client(key, base_url=url, fallback=None)
@@ -382,14 +427,23 @@ def threads(emulator: Emulator, rounds: int, calls: int) -> None:
         for _ in range(calls):
             shared.run("echo", INPUTS)
 
-    times = take_turns({"raw requests, a Session per thread": in_threads(raw_work),
-                        "codewords-lite, one shared Client": in_threads(lite_work)}, rounds)
+    times = take_turns(
+        {
+            "raw requests, a Session per thread": in_threads(raw_work),
+            "codewords-lite, one shared Client": in_threads(lite_work),
+        },
+        rounds,
+    )
     rates = {name: workers * calls / statistics.median(t) for name, t in times.items()}
     for name, rate in rates.items():
         row("16 threads", name, f"{rate:6.0f} calls/s")
     ratio = rates["codewords-lite, one shared Client"] / rates["raw requests, a Session per thread"]
-    row("16 threads", "shared Client / raw", f"{ratio:.2f} x, {len(errors)} errors",
-        f">= 0.9, no errors: {verdict(ratio >= 0.9 and not errors)}")
+    row(
+        "16 threads",
+        "shared Client / raw",
+        f"{ratio:.2f} x, {len(errors)} errors",
+        f">= 0.9, no errors: {verdict(ratio >= 0.9 and not errors)}",
+    )
 
     items = [dict(INPUTS, i=i) for i in range(workers * calls)]
     local = threading.local()
@@ -404,10 +458,14 @@ def threads(emulator: Emulator, rounds: int, calls: int) -> None:
             assert list(pool.map(raw_call, items)) == items
 
     lean, default = cw.Client(key, base_url=url, fallback=None), cw.Client(key, base_url=url)
-    times = take_turns({"a ThreadPoolExecutor of raw requests calls": hand_rolled,
-                        "codewords-lite map(), fallback=None": lambda: _check(lean.map("echo", items, max_workers=workers), items),
-                        "codewords-lite map(), default": lambda: _check(default.map("echo", items, max_workers=workers), items)},
-                       rounds)
+    times = take_turns(
+        {
+            "a ThreadPoolExecutor of raw requests calls": hand_rolled,
+            "codewords-lite map(), fallback=None": lambda: _check(lean.map("echo", items, max_workers=workers), items),
+            "codewords-lite map(), default": lambda: _check(default.map("echo", items, max_workers=workers), items),
+        },
+        rounds,
+    )
     rates = {name: len(items) / statistics.median(t) for name, t in times.items()}
     for name, rate in rates.items():
         row("map", name, f"{rate:6.0f} runs/s")
@@ -437,8 +495,10 @@ def machine() -> str:
             versions.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             pass
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}; codewords-lite {cw.__version__}, {', '.join(versions)}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}; codewords-lite {cw.__version__}, {', '.join(versions)}"
+    )
 
 
 def main() -> int:
@@ -449,8 +509,10 @@ def main() -> int:
     started = time.monotonic()
     print(machine())
     if not codewords_client:
-        print("codewords-client is not installed (it needs Python 3.11+): its figures are skipped."
-              " pip install '.[bench]' brings it.")
+        print(
+            "codewords-client is not installed (it needs Python 3.11+): its figures are skipped."
+            " pip install '.[bench]' brings it."
+        )
     with Emulator() as emulator:
         blocking_calls(emulator, rounds=100 if quick else 1500)
         finish_delays(emulator, rounds=1 if quick else 5, seconds=1.5)
@@ -458,7 +520,7 @@ def main() -> int:
         uploads(emulator, rounds=1 if quick else 2, size=(64 if quick else 1024) << 20)
         threads(emulator, rounds=1 if quick else 5, calls=20 if quick else 60)
     imports_and_sizes(rounds=5 if quick else 20)
-    print(f"\n| figure | contender | measured | goal |\n|---|---|---|---|")
+    print("\n| figure | contender | measured | goal |\n|---|---|---|---|")
     for figure, contender, value, goal in ROWS:
         print(f"| {figure} | {contender} | {value.strip()} | {goal} |")
     print(f"\nMachine: {machine()}. Took {time.monotonic() - started:.0f} s.")

@@ -48,8 +48,10 @@ def emulator_tour() -> None:
         output = client.run("sleep", {"seconds": 2.5})
         posts = len(runtime.calls_to("POST", "/run/sleep"))
         print(f"   -> {output} after {time.monotonic() - started:.1f} s: the gateway answered 504, and run()")
-        print(f"   waited for the same run by its provisioned id ({posts} POST /run, the workflow executed"
-              f" {runtime.executions['sleep'] - executions} time)")
+        print(
+            f"   waited for the same run by its provisioned id ({posts} POST /run, the workflow executed"
+            f" {runtime.executions['sleep'] - executions} time)"
+        )
 
         print("4. A failing workflow")
         try:
@@ -61,14 +63,14 @@ def emulator_tour() -> None:
         command = [sys.executable, "-m", "codewords_lite", "run", "echo", '{"name": "Ada"}', "-i", "n=3"]
         env = dict(os.environ, CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url)
         result = subprocess.run(command, env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True)
-        print("   $ codewords-lite run echo '{\"name\": \"Ada\"}' -i n=3")
+        print('   $ codewords-lite run echo \'{"name": "Ada"}\' -i n=3')
         print(f"   {result.stdout.strip()}    (exit code {result.returncode})")
 
 
 def main() -> None:
     if os.environ.get(cw.API_KEY_ENV):
         if len(sys.argv) < 2:
-            raise SystemExit("usage: quickstart.py SERVICE_ID ['{\"input\": \"value\"}']")
+            raise SystemExit('usage: quickstart.py SERVICE_ID [\'{"input": "value"}\']')
         real_service(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
     else:
         emulator_tour()

@@ -6,8 +6,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import codewords_lite as cw  # noqa: E402
-from fake_runtime import FakeRuntime  # noqa: E402
+from fake_runtime import FakeRuntime
+
+import codewords_lite as cw
 
 
 @pytest.fixture(autouse=True)

@@ -52,7 +52,11 @@ def _sleep(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
         time.sleep(seconds / steps)
     if not steps:
         time.sleep(seconds)
-    return 200, {"slept": seconds, **{k: v for k, v in inputs.items() if k not in ("seconds", "lines")}}, "application/json"
+    return (
+        200,
+        {"slept": seconds, **{k: v for k, v in inputs.items() if k not in ("seconds", "lines")}},
+        "application/json",
+    )
 
 
 def _fail(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
@@ -76,16 +80,36 @@ def _talk(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     return 200, {"lines": int(inputs.get("lines", 10))}, "application/json"
 
 
-SERVICES = {"echo": _echo, "check": _check, "sleep": _sleep, "fail": _fail, "text": _text, "empty": _empty, "talk": _talk}
+SERVICES = {
+    "echo": _echo,
+    "check": _check,
+    "sleep": _sleep,
+    "fail": _fail,
+    "text": _text,
+    "empty": _empty,
+    "talk": _talk,
+}
 
 
 class Fault:
     """One injected fault, applied to the next ``times`` requests that match."""
 
-    def __init__(self, method: str, path: str, *, status: int = 0, retry_after: Optional[str] = None,
-                 drop: bool = False, delay: float = 0.0, truncate: bool = False, after_run: bool = False,
-                 body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None, times: int = 1,
-                 cut_after: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        *,
+        status: int = 0,
+        retry_after: Optional[str] = None,
+        drop: bool = False,
+        delay: float = 0.0,
+        truncate: bool = False,
+        after_run: bool = False,
+        body: Optional[bytes] = None,
+        headers: Optional[Dict[str, str]] = None,
+        times: int = 1,
+        cut_after: Optional[int] = None,
+    ) -> None:
         self.method, self.path, self.times = method, path, times
         self.cut_after = cut_after  # for /logs: drop the stream in the middle of the entry after this many
         self.status, self.retry_after, self.drop, self.delay = status, retry_after, drop, delay
@@ -98,8 +122,15 @@ class Fault:
 class FakeRuntime:
     """The runtime and its storage host, each on its own port of 127.0.0.1."""
 
-    def __init__(self, *, api_key: str = API_KEY, gateway_timeout: Optional[float] = None,
-                 hold_polls: bool = True, ndjson: bool = True, port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str = API_KEY,
+        gateway_timeout: Optional[float] = None,
+        hold_polls: bool = True,
+        ndjson: bool = True,
+        port: int = 0,
+    ) -> None:
         self.api_key = api_key
         self.gateway_timeout = gateway_timeout  # a blocking /run or /result held longer answers 504
         self.hold_polls = hold_polls  # False: /result answers 408 at once instead of holding
@@ -226,7 +257,7 @@ class FakeRuntime:
             self.lock.notify_all()
 
     def check_key(self, header: Optional[str]) -> bool:
-        key = (header or "")[len("Bearer "):] if (header or "").startswith("Bearer ") else header
+        key = (header or "")[len("Bearer ") :] if (header or "").startswith("Bearer ") else header
         with self.lock:
             if key != self.api_key or key in self.spent_keys:
                 return False
@@ -261,8 +292,14 @@ class _Handler(BaseHTTPRequestHandler):
     def runtime(self) -> FakeRuntime:
         return self.server.runtime  # type: ignore[attr-defined,no-any-return]
 
-    def send(self, status: int, body: Any = None, *, content_type: str = "application/json",
-             headers: Optional[Dict[str, str]] = None) -> None:
+    def send(
+        self,
+        status: int,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        headers: Optional[Dict[str, str]] = None,
+    ) -> None:
         if isinstance(body, (bytes, bytearray)):
             data = bytes(body)
         else:
@@ -327,8 +364,16 @@ class _ApiHandler(_Handler):
         body = self.read_body()
         runtime = self.runtime
         with runtime.lock:
-            runtime.calls.append({"method": method, "path": path, "query": query,
-                                  "headers": dict(self.headers), "body": body, "at": time.monotonic()})
+            runtime.calls.append(
+                {
+                    "method": method,
+                    "path": path,
+                    "query": query,
+                    "headers": dict(self.headers),
+                    "body": body,
+                    "at": time.monotonic(),
+                }
+            )
         if not runtime.check_key(self.headers.get("Authorization")):
             return self.send(401, {"detail": "Invalid or missing API key"})
         fault = runtime.take_fault(method, path)
@@ -372,8 +417,11 @@ class _ApiHandler(_Handler):
             else:
                 runtime.running += 1  # until execute() ends
         if limited:
-            return self.send(429, {"detail": "Too many concurrent executions"},
-                             headers={"Retry-After": runtime.rate_limit_retry_after})
+            return self.send(
+                429,
+                {"detail": "Too many concurrent executions"},
+                headers={"Retry-After": runtime.rate_limit_retry_after},
+            )
         request_id = runtime.new_record(service_id, provisioned)
         worker = threading.Thread(target=runtime.execute, args=(request_id, service_id, inputs), daemon=True)
         worker.start()
@@ -382,8 +430,9 @@ class _ApiHandler(_Handler):
                 return
             return self.send(200, {"request_id": request_id})
         with runtime.lock:
-            finished = runtime.lock.wait_for(lambda: runtime.records[request_id].get("completedAt"),
-                                             runtime.gateway_timeout)
+            finished = runtime.lock.wait_for(
+                lambda: runtime.records[request_id].get("completedAt"), runtime.gateway_timeout
+            )
             record = dict(runtime.records[request_id])
         if fault and fault.after_run and self.apply(fault):
             return
@@ -402,8 +451,10 @@ class _ApiHandler(_Handler):
         hold = timeout if runtime.hold_polls else 0
         gateway = runtime.gateway_timeout
         with runtime.lock:
-            finished = runtime.lock.wait_for(lambda: runtime.records[request_id].get("completedAt"),
-                                             min(hold, gateway) if gateway is not None else hold)
+            finished = runtime.lock.wait_for(
+                lambda: runtime.records[request_id].get("completedAt"),
+                min(hold, gateway) if gateway is not None else hold,
+            )
             record = dict(runtime.records[request_id])
         if finished:
             return self.send(200, record)
@@ -434,8 +485,13 @@ class _ApiHandler(_Handler):
         sent = 0
         while True:
             with runtime.lock:
-                runtime.lock.wait_for(lambda: len(entries) > index or (
-                    runtime.records[request_id].get("completedAt") and not runtime.logs_never_end), 0.5)
+                runtime.lock.wait_for(
+                    lambda index=index: (  # type: ignore[misc]
+                        len(entries) > index
+                        or (runtime.records[request_id].get("completedAt") and not runtime.logs_never_end)
+                    ),
+                    0.5,
+                )
                 fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
             if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:
                 self.chunk(b"\n" if runtime.ndjson else b": keep-alive\n\n")
@@ -488,7 +544,9 @@ class _StorageHandler(_Handler):
         if "Authorization" in self.headers:
             return self.s3_error(400, "InvalidArgument", "Only one auth mechanism allowed")
         if self.headers.get("Transfer-Encoding"):
-            return self.s3_error(501, "NotImplemented", "A header you provided implies functionality that is not implemented")
+            return self.s3_error(
+                501, "NotImplemented", "A header you provided implies functionality that is not implemented"
+            )
         if self.headers.get("Content-Length") is None:
             return self.s3_error(411, "MissingContentLength", "You must provide the Content-Length HTTP header.")
         wanted = upload["signed"] or {"x-amz-acl": "public-read"}
@@ -505,8 +563,9 @@ class _StorageHandler(_Handler):
             if size <= 32 << 20:
                 kept += block
         with runtime.lock:
-            upload.update(size=size, sha256=digest.hexdigest(), content=bytes(kept) if size <= 32 << 20 else None,
-                          headers=headers)
+            upload.update(
+                size=size, sha256=digest.hexdigest(), content=bytes(kept) if size <= 32 << 20 else None, headers=headers
+            )
         self.send(200, b"", headers={"ETag": f'"{digest.hexdigest()[:32]}"'})
 
     def do_GET(self) -> None:
@@ -518,5 +577,5 @@ class _StorageHandler(_Handler):
 
     def s3_error(self, status: int, code: str, message: str) -> None:
         self.close_connection = True  # the body of the PUT may not have been read
-        body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+        body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
         self.send(status, body.encode(), content_type="application/xml")

@@ -10,9 +10,9 @@ import logging
 import time
 
 import pytest
+from fake_runtime import FakeRuntime
 
 import codewords_lite as cw
-from fake_runtime import FakeRuntime
 
 SEED = 20261128
 STARTED_RUNS = 240
@@ -77,11 +77,15 @@ def test_chaos(monkeypatch, caplog, figures):
         overrun = max(seconds - deadline for seconds, deadline in waits)
         assert overrun < 0.3, f"a wait went {overrun:.2f} s past its deadline"
 
-        figures.append(f"{STARTED_RUNS} started runs, {BLOCKING_RUNS} blocking runs ({LONG_RUNS} past the gateway),"
-                       f" 4 past their deadline; {requests_made} requests")
+        figures.append(
+            f"{STARTED_RUNS} started runs, {BLOCKING_RUNS} blocking runs ({LONG_RUNS} past the gateway),"
+            f" 4 past their deadline; {requests_made} requests"
+        )
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(runtime.faults_applied.items()))
         figures.append(f"{faults} faults injected ({faults / requests_made:.0%}): {kinds}")
         figures.append(f"{retries} retries made; executions {dict(runtime.executions)}, each run exactly once")
         slowest = max(waits)
-        figures.append(f"slowest wait {slowest[0]:.2f} s of a {slowest[1]:.0f} s deadline;"
-                       f" furthest past a deadline {max(overrun, 0) * 1000:.0f} ms")
+        figures.append(
+            f"slowest wait {slowest[0]:.2f} s of a {slowest[1]:.0f} s deadline;"
+            f" furthest past a deadline {max(overrun, 0) * 1000:.0f} ms"
+        )

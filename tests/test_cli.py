@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
+from fake_runtime import FakeRuntime
 
 import codewords_lite as cw
-from fake_runtime import FakeRuntime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +29,15 @@ def cli(runtime):
             env["CODEWORDS_API_KEY"] = key
         if base_url:
             env["CODEWORDS_BASE_URL"] = base_url
-        result = subprocess.run([sys.executable, "-m", "codewords_lite", *args], cwd=ROOT, env=env, input=stdin,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "codewords_lite", *args],
+            cwd=ROOT,
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         outputs.append(result.stdout + result.stderr)
         return result
 
@@ -48,8 +55,17 @@ def test_run_prints_compact_json_and_nothing_else(cli, runtime):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("n=3", 3), ("ok=true", True), ("x=null", None), ("s=hello", "hello"), ("j={\"a\": [1]}", {"a": [1]}),
-     ("e=", ""), ("f=1.5e3", 1500.0), ("url=https://x.example/a=b", "https://x.example/a=b"), ("q=\"3\"", "3")],
+    [
+        ("n=3", 3),
+        ("ok=true", True),
+        ("x=null", None),
+        ("s=hello", "hello"),
+        ('j={"a": [1]}', {"a": [1]}),
+        ("e=", ""),
+        ("f=1.5e3", 1500.0),
+        ("url=https://x.example/a=b", "https://x.example/a=b"),
+        ('q="3"', "3"),
+    ],
 )
 def test_fields_are_json_when_they_parse(field, value):
     assert cw._parse_field(field) == (field.split("=", 1)[0], value)
@@ -136,8 +152,14 @@ def test_a_deadline_exits_3_and_names_the_run_to_pick_up_later(cli, runtime):
 def test_fallback_option(fallback, executions):
     with FakeRuntime(gateway_timeout=0.3) as runtime:
         env = dict(os.environ, CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url)
-        result = subprocess.run([sys.executable, "-m", "codewords_lite", "run", "sleep", '{"seconds": 0.6}', "--fallback", fallback],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "codewords_lite", "run", "sleep", '{"seconds": 0.6}', "--fallback", fallback],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == (0 if fallback == "rerun" else 1)
         time.sleep(0.5)
         assert runtime.executions["sleep"] == executions
@@ -175,8 +197,14 @@ def run_on_a_terminal(runtime, *args, interrupt_after=None):
     """Runs the command with its standard error on a pseudo-terminal; returns (code, stdout, stderr)."""
     master, slave = pty.openpty()
     env = dict(os.environ, CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url, COLUMNS="120")
-    process = subprocess.Popen([sys.executable, "-m", "codewords_lite", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=slave, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "codewords_lite", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
     os.close(slave)
     seen, started = b"", time.monotonic()
     while True:

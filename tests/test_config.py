@@ -45,23 +45,53 @@ def test_base_url_from_the_environment_in_order(monkeypatch):
 
 @pytest.mark.parametrize(
     "url",
-    ["http://runtime.codewords.ai", "ftp://x.example", "runtime.codewords.ai", "https://", "https://user:pw@x.example",
-     "https://x.example?a=1", "https://x.example#top", "https://x.example:port", "http://10.0.0.1", "http://localhost.evil.com"],
+    [
+        "http://runtime.codewords.ai",
+        "ftp://x.example",
+        "runtime.codewords.ai",
+        "https://",
+        "https://user:pw@x.example",
+        "https://x.example?a=1",
+        "https://x.example#top",
+        "https://x.example:port",
+        "http://10.0.0.1",
+        "http://localhost.evil.com",
+    ],
 )
 def test_bad_base_urls(url):
     with pytest.raises(cw.ConfigurationError, match="bad base URL"):
         cw.Client(base_url=url)
 
 
-@pytest.mark.parametrize("url", ["http://localhost:8000", "http://127.0.0.1:1", "http://127.9.9.9", "http://[::1]:80", "https://x.example:8443/api"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:8000",
+        "http://127.0.0.1:1",
+        "http://127.9.9.9",
+        "http://[::1]:80",
+        "https://x.example:8443/api",
+    ],
+)
 def test_good_base_urls(url):
     assert cw.Client(base_url=url).base_url == url
 
 
 @pytest.mark.parametrize(
     "name, value",
-    [("timeout", 0), ("timeout", -1), ("timeout", math.inf), ("timeout", math.nan), ("timeout", "60"), ("sync_timeout", None),
-     ("connect_timeout", True), ("max_retries", -1), ("max_retries", 1.5), ("fallback", "retry"), ("fallback", False)],
+    [
+        ("timeout", 0),
+        ("timeout", -1),
+        ("timeout", math.inf),
+        ("timeout", math.nan),
+        ("timeout", "60"),
+        ("sync_timeout", None),
+        ("connect_timeout", True),
+        ("max_retries", -1),
+        ("max_retries", 1.5),
+        ("fallback", "retry"),
+        ("fallback", False),
+    ],
 )
 def test_bad_settings(name, value):
     with pytest.raises(cw.ConfigurationError, match=name):
@@ -70,8 +100,25 @@ def test_bad_settings(name, value):
 
 @pytest.mark.parametrize(
     "service_id, path",
-    [("", ""), (".", ""), ("..", ""), ("a/b", ""), ("a b", ""), ("svc?x=1", ""), ("svc#", ""), ("sv%2e", ""), ("é", ""),
-     (None, ""), (42, ""), ("svc", "a//b"), ("svc", "../admin"), ("svc", "a/./b"), ("svc", "a b"), ("svc", "q?x"), ("svc", None)],
+    [
+        ("", ""),
+        (".", ""),
+        ("..", ""),
+        ("a/b", ""),
+        ("a b", ""),
+        ("svc?x=1", ""),
+        ("svc#", ""),
+        ("sv%2e", ""),
+        ("é", ""),
+        (None, ""),
+        (42, ""),
+        ("svc", "a//b"),
+        ("svc", "../admin"),
+        ("svc", "a/./b"),
+        ("svc", "a b"),
+        ("svc", "q?x"),
+        ("svc", None),
+    ],
 )
 def test_bad_service_ids_and_paths_send_nothing(runtime, client, service_id, path):
     for call in (lambda: client.run(service_id, {}, path=path), lambda: client.start(service_id, {}, path=path)):
@@ -82,13 +129,19 @@ def test_bad_service_ids_and_paths_send_nothing(runtime, client, service_id, pat
 
 @pytest.mark.parametrize("request_id", ["", "../x", "a/b", "r?timeout=1", None, ".."])
 def test_bad_request_ids_send_nothing(runtime, client, request_id):
-    for call in (lambda: client.get_run(request_id), lambda: client.result(request_id), lambda: client.details(request_id)):
+    for call in (
+        lambda: client.get_run(request_id),
+        lambda: client.result(request_id),
+        lambda: client.details(request_id),
+    ):
         with pytest.raises(cw.ConfigurationError):
             call()
     assert runtime.calls == []
 
 
-@pytest.mark.parametrize("inputs", [{"when": object()}, {"x": {1, 2}}, {"f": float("nan")}, {"b": b"bytes"}, [1, 2], "text", 3])
+@pytest.mark.parametrize(
+    "inputs", [{"when": object()}, {"x": {1, 2}}, {"f": float("nan")}, {"b": b"bytes"}, [1, 2], "text", 3]
+)
 def test_inputs_that_are_not_a_json_object_raise_type_error_and_send_nothing(runtime, client, inputs):
     with pytest.raises(TypeError):
         client.run("echo", inputs)

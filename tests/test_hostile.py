@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+from fake_runtime import FakeRuntime
 
 import codewords_lite as cw
-from fake_runtime import FakeRuntime
 
 
 class Hostile:
@@ -71,7 +71,9 @@ def test_a_blocking_run_answered_with_non_json_gives_the_text():
         assert client_of(server).run("svc", fallback=None) == "<html>Service Unavailable</html>"
 
 
-@pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"request_id": 42}', b'{"request_id": "../../etc"}', b"[]", b""])
+@pytest.mark.parametrize(
+    "body", [b"<html>oops</html>", b'{"request_id": 42}', b'{"request_id": "../../etc"}', b"[]", b""]
+)
 def test_a_start_answered_with_no_usable_request_id(body):
     with Hostile(body, close_after=False) as server:
         with pytest.raises(cw.APIStatusError, match="expected a JSON object with a request_id"):
@@ -120,7 +122,11 @@ def test_a_truncated_answer_to_a_get_is_retried_then_reported(runtime, client, q
 
 def test_a_10_mib_log_line_is_delivered_whole():
     big = json.dumps({"createdAt": "2026-01-01T00:00:01Z", "message": "x" * (10 << 20)}).encode()
-    body = b'{"createdAt": "2026-01-01T00:00:00Z", "message": "before"}\n' + big + b'\n{"createdAt": "2026-01-01T00:00:02Z", "message": "after"}\n'
+    body = (
+        b'{"createdAt": "2026-01-01T00:00:00Z", "message": "before"}\n'
+        + big
+        + b'\n{"createdAt": "2026-01-01T00:00:02Z", "message": "after"}\n'
+    )
     with Hostile(body) as server:
         entries = list(client_of(server).logs("req_1"))
     assert [len(e["message"]) for e in entries] == [6, 10 << 20, 5]
@@ -133,8 +139,11 @@ def test_a_log_line_that_never_ends_is_refused():
 
 
 def test_a_garbage_log_stream_gives_raw_text_entries():
-    garbage = random.Random(7).randbytes(256 * 1024) if hasattr(random.Random, "randbytes") else bytes(
-        random.Random(7).getrandbits(8) for _ in range(256 * 1024))
+    garbage = (
+        random.Random(7).randbytes(256 * 1024)
+        if hasattr(random.Random, "randbytes")
+        else bytes(random.Random(7).getrandbits(8) for _ in range(256 * 1024))
+    )
     with Hostile(garbage) as server:
         entries = list(client_of(server).logs("req_1"))
     assert entries and all(set(e) == {"rawText"} or isinstance(e, dict) for e in entries)
@@ -149,17 +158,20 @@ def test_a_log_stream_answered_with_an_error_status():
 # -- redirects: the key stays home -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, path, call", [
-    ("POST", "/run/", lambda c: c.run("echo", fallback=None)),
-    ("POST", "/provision-request", lambda c: c.provision()),
-    ("GET", "/result/", lambda c: c.result("req_1")),
-    ("GET", "/logs/", lambda c: list(c.logs("req_1"))),
-])
+@pytest.mark.parametrize(
+    "method, path, call",
+    [
+        ("POST", "/run/", lambda c: c.run("echo", fallback=None)),
+        ("POST", "/provision-request", lambda c: c.provision()),
+        ("GET", "/result/", lambda c: c.result("req_1")),
+        ("GET", "/logs/", lambda c: list(c.logs("req_1"))),
+    ],
+)
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 def test_a_redirect_to_another_host_is_not_followed(runtime, client, method, path, call, status):
     with FakeRuntime(api_key=runtime.api_key) as elsewhere:
         runtime.fault(method, path, status=status, headers={"Location": f"{elsewhere.url}/steal"})
-        with pytest.raises(cw.APIStatusError, match="redirected to .*, which is not followed"):
+        with pytest.raises(cw.APIStatusError, match=r"redirected to .*, which is not followed"):
             call(client)
         assert elsewhere.calls == []
 
@@ -172,7 +184,9 @@ def test_an_upload_redirected_elsewhere_is_not_followed(runtime, client):
         assert elsewhere.storage_calls == []
 
 
-@pytest.mark.parametrize("declared, body, complete", [("10", b"12345", False), ("5", b"12345", True), ("", b"123", True)])
+@pytest.mark.parametrize(
+    "declared, body, complete", [("10", b"12345", False), ("5", b"12345", True), ("", b"123", True)]
+)
 def test_an_answer_shorter_than_its_content_length_is_a_dropped_connection(declared, body, complete):
     # urllib3 2 refuses such a body itself; urllib3 1.26, which requests 2.25 brings, lets it through
     answer = requests.Response()

@@ -5,9 +5,9 @@ import threading
 import time
 
 import pytest
+from fake_runtime import FakeRuntime
 
 import codewords_lite as cw
-from fake_runtime import FakeRuntime
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def messages(entries):
         (b": keep-alive", None),
         (b"data:", None),
         (b"Traceback (most recent call last):", {"rawText": "Traceback (most recent call last):"}),
-        (b'data: not json', {"rawText": "not json"}),
+        (b"data: not json", {"rawText": "not json"}),
         (b"[1, 2]", {"rawText": "[1, 2]"}),
         (b"\xff\xfe broken utf-8", {"rawText": "\ufffd\ufffd broken utf-8"}),
     ],
@@ -156,7 +156,9 @@ def test_on_log_sees_every_entry_of_a_blocking_run(runtime, fallback):
         assert client.run("talk", {"lines": 25, "interval": 0.01}, on_log=seen.append) == {"lines": 25}
     assert messages(seen) == [f"line {i}" for i in range(25)]
     (run_call,) = runtime.calls_to("POST", "/run/")
-    assert run_call["headers"]["X-Provisioned-Request-Id"] == runtime.calls_to("GET", "/logs/")[0]["path"].split("/")[-1]
+    assert (
+        run_call["headers"]["X-Provisioned-Request-Id"] == runtime.calls_to("GET", "/logs/")[0]["path"].split("/")[-1]
+    )
 
 
 def test_on_log_sees_every_entry_of_a_started_run_through_cuts(runtime, client):

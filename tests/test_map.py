@@ -12,9 +12,9 @@ import threading
 import time
 
 import pytest
+from fake_runtime import FakeRuntime
 
 import codewords_lite as cw
-from fake_runtime import FakeRuntime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +92,9 @@ def test_return_exceptions_puts_the_error_in_place(runtime, client):
 
 def test_on_progress_counts_finished_runs(runtime, client):
     calls = []
-    list(client.map("echo", [{"i": i} for i in range(12)], max_workers=3, on_progress=lambda d, t: calls.append((d, t))))
+    list(
+        client.map("echo", [{"i": i} for i in range(12)], max_workers=3, on_progress=lambda d, t: calls.append((d, t)))
+    )
     assert calls[-1] == (12, 12) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     calls.clear()
     list(client.map("echo", ({"i": i} for i in range(5)), on_progress=lambda d, t: calls.append((d, t))))
@@ -193,8 +195,12 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 
 def test_ctrl_c_stops_the_map_and_names_the_runs_that_go_on(runtime):
-    process = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, ROOT, runtime.api_key, runtime.url],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT, ROOT, runtime.api_key, runtime.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline() == "started\n"
     time.sleep(0.8)
     process.send_signal(signal.SIGINT)

@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
+from fake_runtime import FakeRuntime
 
 import codewords_lite as cw
-from fake_runtime import FakeRuntime
 
 
 def paths(runtime, method=None):
@@ -31,7 +31,7 @@ def test_default_fallback_resumes_a_504_and_runs_the_workflow_once():
         assert client.run("sleep", {"seconds": 1.5, "tag": "a"}) == {"slept": 1.5, "tag": "a"}
         elapsed = time.monotonic() - started
         assert runtime.executions["sleep"] == 1
-        (provision,) = runtime.calls_to("POST", "/provision-request")
+        assert len(runtime.calls_to("POST", "/provision-request")) == 1
         (run_call,) = runtime.calls_to("POST", "/run/")
         request_id = run_call["headers"]["X-Provisioned-Request-Id"]
         polls = runtime.calls_to("GET", "/result/")
@@ -90,7 +90,9 @@ def test_without_a_provisioned_id_a_504_cannot_be_resumed(quick_retries):
 
 def test_a_refused_key_on_provision_is_raised_and_the_run_not_sent(runtime):
     client = cw.Client("cwk-wrong", base_url=runtime.url)
-    with pytest.raises(cw.AuthenticationError, match="401 .* from POST /provision-request: Invalid or missing API key"):
+    with pytest.raises(
+        cw.AuthenticationError, match=r"401 .* from POST /provision-request: Invalid or missing API key"
+    ):
         client.run("echo")
     assert paths(runtime) == [("POST", "/provision-request")]
 
@@ -168,7 +170,9 @@ def test_retries_give_up_after_max_retries(runtime, quick_retries):
     assert len(runtime.calls_to("POST", "/run_async/")) == 3
 
 
-@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 502}, {"status": 504}, {"drop": True}, {"truncate": True}])
+@pytest.mark.parametrize(
+    "fault", [{"status": 500}, {"status": 502}, {"status": 504}, {"drop": True}, {"truncate": True}]
+)
 def test_gets_and_provisions_are_retried(runtime, client, quick_retries, fault):
     runtime.fault("POST", "/provision-request", **fault)
     runtime.fault("GET", "/request/", **fault)
@@ -266,7 +270,9 @@ def test_a_server_that_does_not_hold_polls_is_polled_with_backoff_not_in_a_loop(
 
 
 def test_a_gateway_that_cuts_polls_is_polled_again_at_once():
-    with FakeRuntime(gateway_timeout=0.6) as runtime, cw.Client(runtime.api_key, base_url=runtime.url, max_retries=0) as client:
+    with FakeRuntime(gateway_timeout=0.6) as runtime, cw.Client(
+        runtime.api_key, base_url=runtime.url, max_retries=0
+    ) as client:
         run = client.start("sleep", {"seconds": 1.5})
         started = time.monotonic()
         assert run.wait() == {"slept": 1.5}

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from fake_runtime import FakeRuntime
 
 import codewords_lite as cw
-from fake_runtime import FakeRuntime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "cwk-secret-5f4dcc3b5aa765d61d8327deb882cf99"
@@ -31,7 +31,11 @@ def test_the_key_appears_in_no_log_record_message_or_repr(caplog, tmp_path, quic
         seen.append(repr(client.run("sleep", {"seconds": 0.5, "lines": 2}, on_log=seen.append)))  # a 504, resumed
         run = client.start("talk", {"lines": 3})
         seen += [repr(run), repr(run.wait(on_log=seen.append)), repr(run.record), repr(list(run.logs()))]
-        seen += [repr(client.details(run.request_id)), client.upload(path), repr(list(client.map("echo", [{"m": 1}] * 3)))]
+        seen += [
+            repr(client.details(run.request_id)),
+            client.upload(path),
+            repr(list(client.map("echo", [{"m": 1}] * 3))),
+        ]
         runtime.fault("POST", "/run/echo", status=307, headers={"Location": f"{runtime.url}/x"})
         runtime.fault("GET", "/request/", status=500, times=10, body=f'{{"detail": "bad key {KEY}"}}'.encode())
         failing = [
@@ -44,7 +48,7 @@ def test_the_key_appears_in_no_log_record_message_or_repr(caplog, tmp_path, quic
             lambda: list(client.logs("req_nobody")),
             lambda: cw.Client("cwk-wrong-key", base_url=runtime.url).run("echo"),
             lambda: cw.Client(KEY + "\n", base_url=runtime.url).run("echo"),
-            lambda: cw.Client(KEY, base_url=f"http://127.0.0.1:1").run("echo", fallback=None),
+            lambda: cw.Client(KEY, base_url="http://127.0.0.1:1").run("echo", fallback=None),
         ]
         for call in failing:
             with pytest.raises(cw.CodewordsError) as info:
@@ -61,11 +65,24 @@ def test_the_key_is_not_in_the_command_lines_output_even_with_debug(tmp_path):
     path.write_bytes(b"x")
     with FakeRuntime(api_key=KEY) as runtime:
         env = dict(os.environ, CODEWORDS_API_KEY=KEY, CODEWORDS_BASE_URL=runtime.url)
-        commands = [["run", "echo", '{"a": 1}'], ["run", "fail"], ["start", "talk"], ["upload", str(path)],
-                    ["result", "req_nobody"], ["details", "req_nobody"], ["run", "sleep", '{"seconds": 2}', "--timeout", "0.3"]]
+        commands = [
+            ["run", "echo", '{"a": 1}'],
+            ["run", "fail"],
+            ["start", "talk"],
+            ["upload", str(path)],
+            ["result", "req_nobody"],
+            ["details", "req_nobody"],
+            ["run", "sleep", '{"seconds": 2}', "--timeout", "0.3"],
+        ]
         for command in commands:
-            result = subprocess.run([sys.executable, "-m", "codewords_lite", *command, "--debug"], cwd=ROOT, env=env,
-                                    capture_output=True, text=True, timeout=60)
+            result = subprocess.run(
+                [sys.executable, "-m", "codewords_lite", *command, "--debug"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert KEY not in result.stdout + result.stderr
             assert "codewords_lite" in result.stderr or result.returncode == 0
 

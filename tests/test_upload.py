@@ -90,7 +90,11 @@ def test_the_put_carries_no_key_cookies_or_session_headers(runtime):
 
 @pytest.mark.parametrize(
     "filename, content_type, sent",
-    [("table.csv", None, "text/csv"), ("notes.txt", "text/markdown", "text/markdown"), ("blob.zzz", None, "application/octet-stream")],
+    [
+        ("table.csv", None, "text/csv"),
+        ("notes.txt", "text/markdown", "text/markdown"),
+        ("blob.zzz", None, "application/octet-stream"),
+    ],
 )
 def test_content_type_and_acl_without_upload_headers(runtime, client, filename, content_type, sent):
     client.upload(b"x", filename=filename, content_type=content_type)
@@ -154,7 +158,9 @@ def test_bad_upload_arguments_send_nothing(runtime, client, source, filename, er
 def test_a_refused_put_raises_with_the_storage_hosts_message(runtime, client):
     body = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
     runtime.fault("PUT", "/upload/", status=403, body=body, headers={"Content-Type": "application/xml"})
-    with pytest.raises(cw.APIStatusError, match="403 Forbidden from PUT .*/upload/[0-9a-f]+: AccessDenied: Request has expired") as info:
+    with pytest.raises(
+        cw.APIStatusError, match=r"403 Forbidden from PUT .*/upload/[0-9a-f]+: AccessDenied: Request has expired"
+    ) as info:
         client.upload(b"abc", filename="a.txt")
     assert "X-Amz-Signature" not in str(info.value)  # the presigned URL's signature stays out of messages
     assert len(runtime.storage_calls) == 1
@@ -218,7 +224,9 @@ def test_a_large_upload_is_streamed_in_little_memory(runtime, tmp_path):
         sparse.truncate(384 << 20)
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT, os.path.dirname(HERE), str(path), runtime.api_key, runtime.url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     growth_mib = int(result.stdout)
@@ -234,11 +242,17 @@ def test_upload_wire_format():
     with responses.RequestsMock() as api:
         api.post(
             "https://runtime.example/file?filename=my%20data%20%C3%A9.csv",
-            json={"upload_uri": "https://bucket.s3.example/k?X-Amz-Signature=abc", "download_uri": "https://cdn.example/k"},
+            json={
+                "upload_uri": "https://bucket.s3.example/k?X-Amz-Signature=abc",
+                "download_uri": "https://cdn.example/k",
+            },
             match=[responses.matchers.header_matcher({"Authorization": "Bearer cwk-k"})],
         )
         api.put("https://bucket.s3.example/k?X-Amz-Signature=abc", status=200)
-        assert cw.Client("cwk-k", base_url="https://runtime.example").upload(b"1,2", filename="my data é.csv") == "https://cdn.example/k"
+        assert (
+            cw.Client("cwk-k", base_url="https://runtime.example").upload(b"1,2", filename="my data é.csv")
+            == "https://cdn.example/k"
+        )
         put = api.calls[1].request
         assert "Authorization" not in put.headers and put.headers["Content-Length"] == "3"
         assert put.headers["Content-Type"] == "text/csv" and put.headers["x-amz-acl"] == "public-read"
