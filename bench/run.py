@@ -357,7 +357,7 @@ def imports_and_sizes(rounds: int) -> None:
 
     try:
         medians = {name: statistics.median(times) for name, times in take_turns(contenders, rounds).items()}
-        inside()  # warm up: writes the bytecode cache
+        inside()  # warm up, as the contenders were
         alone = statistics.median(inside() for _ in range(rounds)) * 1e3
     finally:
         shutil.rmtree(cache)
