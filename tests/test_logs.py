@@ -22,29 +22,88 @@ def messages(entries):
 # -- parsing -----------------------------------------------------------------------------------
 
 
+def parse(body, content_type=""):
+    """The entries a connection with this body and Content-Type gives, blocks of 3 bytes at a time."""
+    parser = cw._LogParser(content_type)
+    blocks = [body[i : i + 3] for i in range(0, len(body), 3)]
+    return [e for e in (parser.feed(line) for line in cw._split_lines(blocks)) if e is not None]
+
+
 @pytest.mark.parametrize(
     "line, entry",
     [
         (b'{"createdAt": "t", "message": "hi"}', {"createdAt": "t", "message": "hi"}),
-        (b'data: {"message": "sse"}', {"message": "sse"}),
-        (b'data:{"message": "sse, no space"}\r', {"message": "sse, no space"}),
+        (b'  {"message": "spaces"} \t', {"message": "spaces"}),
         (b"", None),
-        (b"   \r", None),
-        (b": keep-alive", None),
-        (b"data:", None),
+        (b"   ", None),
         (b"Traceback (most recent call last):", {"rawText": "Traceback (most recent call last):"}),
-        (b"data: not json", {"rawText": "not json"}),
         (b"[1, 2]", {"rawText": "[1, 2]"}),
         (b"\xff\xfe broken utf-8", {"rawText": "\ufffd\ufffd broken utf-8"}),
     ],
 )
-def test_parse_log_line(line, entry):
-    assert cw._parse_log_line(line) == entry
+def test_an_ndjson_line(line, entry):
+    assert cw._LogParser("application/x-ndjson").feed(line) == entry
 
 
-def test_split_lines_joins_lines_across_chunks_and_keeps_a_last_line():
-    chunks = [b'{"a"', b': 1}\n{"b": 2}\r', b"\n\n", b"x" * 5, b"y" * 5, b"\nlast"]
-    assert list(cw._split_lines(chunks)) == [b'{"a": 1}', b'{"b": 2}\r', b"", b"x" * 5 + b"y" * 5, b"last"]
+def test_a_deeply_nested_line_is_raw_text_not_a_recursion_error():
+    """A line of JSON nested 100,000 deep made json.loads raise RecursionError out of the stream."""
+    line = "[" * 100_000 + "]" * 100_000
+    assert cw._parse_log_line(line) == {"rawText": line}
+    deep = '{"a": ' * 100_000 + "1" + "}" * 100_000
+    assert parse(deep.encode() + b"\n") == [{"rawText": deep}]
+    assert parse(b"data: " + deep.encode() + b"\n\n", "text/event-stream") == [{"rawText": deep}]
+
+
+def test_server_sent_events_are_parsed_as_the_spec_says():
+    """SSE fields used to come out as rawText entries, and a two-line data: event as two entries."""
+    body = (
+        b": a comment\n"
+        b"retry: 1500\n"
+        b"event: log\n"
+        b'data: {"message":\n'
+        b'data:  "two lines"}\n'
+        b"id: 7\n"
+        b"unknown: field\n"
+        b"\n"
+        b"data: plain text\n"
+        b"data\n"
+        b"\n"
+        b"id: 8\n"
+        b"\n"  # no data: no event
+        b'data: {"message": "never ended"}\n'
+    )
+    parser = cw._LogParser("text/event-stream; charset=utf-8")
+    entries = [(parser.feed(line), parser.event_id) for line in cw._split_lines([body])]
+    assert [e for e in entries if e[0] is not None] == [
+        ({"message": "two lines"}, "7"),
+        ({"rawText": "plain text\n"}, "7"),
+    ]
+    assert parser.retry == 1.5 and parser.event_id == "8"
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("content_type", ["text/event-stream", ""])
+def test_sse_with_any_line_end_and_a_byte_order_mark(end, content_type):
+    """CR and CRLF line ends and a BOM, which the spec allows, broke events or became raw text."""
+    body = b'\xef\xbb\xbfdata: {"n": 1}' + end * 2 + b'data: {"n": 2}' + end + b"data: 3" + end * 2
+    assert parse(body, content_type) == [{"n": 1}, {"rawText": '{"n": 2}\n3'}]
+
+
+def test_ndjson_in_an_event_stream_is_read_line_by_line():
+    """What the official clients expect of /logs: JSON lines, even labelled text/event-stream."""
+    body = b'{"n": 1}\r\n{"n": 2}\n: keep-alive\n\n{"n": 3}'
+    assert parse(body, "text/event-stream") == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert parse(b"\xef\xbb\xbf" + body.replace(b": keep-alive\n", b""), "application/json") == [
+        {"n": 1},
+        {"n": 2},
+        {"n": 3},
+    ]
+
+
+def test_split_lines_ends_lines_at_lf_crlf_and_cr_across_blocks():
+    blocks = [b'{"a"', b': 1}\n{"b": 2}\r', b"\n\n", b"x\r", b"y\r\r", b"\nlast"]
+    assert list(cw._split_lines(blocks)) == [b'{"a": 1}', b'{"b": 2}', b"", b"x", b"y", b"", b"last"]
+    assert list(cw._split_lines([b"a\r"])) == [b"a"]
 
 
 def test_split_lines_of_a_long_line_is_linear():
@@ -67,13 +126,13 @@ def test_split_lines_of_a_long_line_is_linear():
 )
 def test_timestamps_are_compared_as_instants(earlier, later):
     assert cw._instant(earlier) < cw._instant(later)
-    assert cw._is_newer(later, cw._instant(later), earlier, cw._instant(earlier))
-    assert not cw._is_newer(earlier, cw._instant(earlier), later, cw._instant(later))
+    a, b = (earlier, cw._instant(earlier)), (later, cw._instant(later))
+    assert cw._time_order(a, b) == -1 and cw._time_order(b, a) == 1 and cw._time_order(a, a) == 0
 
 
 def test_an_unparsable_timestamp_falls_back_to_text_order():
     assert cw._instant("yesterday") is None
-    assert cw._is_newer("b", None, "a", None) and not cw._is_newer("a", None, "a", None)
+    assert cw._time_order(("b", None), ("a", None)) == 1 and cw._time_order(("a", None), ("a", None)) == 0
 
 
 # -- streaming against the emulator ------------------------------------------------------------
