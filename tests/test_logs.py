@@ -6,6 +6,8 @@ import time
 
 import pytest
 from fake_runtime import FakeRuntime
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import codewords_lite as cw
 
@@ -133,6 +135,74 @@ def test_timestamps_are_compared_as_instants(earlier, later):
 def test_an_unparsable_timestamp_falls_back_to_text_order():
     assert cw._instant("yesterday") is None
     assert cw._time_order(("b", None), ("a", None)) == 1 and cw._time_order(("a", None), ("a", None)) == 0
+
+
+# -- the de-duplicator: what a reconnect replays is skipped, nothing else -------------------------
+
+
+def stamp(n):
+    return f"2026-01-01T00:00:00.{n:03d}Z"
+
+
+def server_answer(log, mode, after, last_event_id):
+    """The suffix of the log a server sends to a reconnect, by how it reads ?after= and Last-Event-ID."""
+    if mode == "last-event-id" and last_event_id:
+        return log[int(last_event_id) + 1 :]
+    if mode == "ignore" or after is None:
+        return log
+    inclusive = mode == "inclusive"
+    return [e for e in log if e["createdAt"] > after or (inclusive and e["createdAt"] == after)]
+
+
+def deliver(log, mode, cuts, ids):
+    """What the client delivers of the log when the n-th connection drops after cuts[n] entries."""
+    position, delivered = cw._LogPosition(), []
+    for cut in [*cuts, None]:
+        answer = server_answer(log, mode, position.after, position.event_id)
+        for entry in answer if cut is None else answer[:cut]:
+            if position.is_new(dict(entry), str(log.index(entry)) if ids else ""):
+                delivered.append(entry)
+        position.reconnected()
+    return delivered
+
+
+# Timestamps from a handful of milliseconds, so that bursts share one; messages from two, so
+# that many entries are identical in every field.
+entries_in_order = st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["a", "b"])), max_size=14).map(
+    lambda pairs: [{"createdAt": stamp(n), "message": m} for n, m in sorted(pairs, key=lambda p: p[0])]
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    entries_in_order,
+    st.sampled_from(["exclusive", "inclusive", "ignore"]),
+    st.lists(st.integers(0, 15), max_size=6),
+)
+def test_every_entry_is_delivered_once_however_the_stream_is_cut(log, mode, cuts):
+    """Any log with bursts of equal timestamps and identical entries, cut anywhere, from a server
+    whose after= is exclusive, inclusive or ignored: what is delivered is what was written."""
+    assert deliver(log, mode, cuts, ids=False) == log
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    entries_in_order,
+    st.sampled_from(["exclusive", "inclusive", "last-event-id"]),
+    st.lists(st.integers(0, 15), max_size=6),
+)
+def test_every_entry_is_delivered_once_with_event_ids(log, mode, cuts):
+    """The same with SSE ids, and a server that resumes from Last-Event-ID instead of ?after=."""
+    log = [dict(e, n=i) for i, e in enumerate(log)]  # ids are positions: entries differ by them
+    assert deliver(log, mode, cuts, ids=True) == log
+
+
+def test_a_burst_of_equal_timestamps_on_an_unbroken_stream_is_kept():
+    """The old filter ran on every entry: six entries of one millisecond arrived as one."""
+    position = cw._LogPosition()
+    burst = [{"createdAt": stamp(1), "message": "same"}] * 6 + [{"createdAt": stamp(0), "message": "late"}]
+    assert [position.is_new(e, "") for e in burst] == [True] * 7
+    assert position.after == stamp(0)  # a reconnect asks from before the burst
 
 
 # -- streaming against the emulator ------------------------------------------------------------
@@ -267,3 +337,142 @@ def test_on_log_with_a_one_time_key_is_refused_before_sending():
         with pytest.raises(cw.ConfigurationError, match="one-time key"):
             client.run("talk", on_log=print)
         assert runtime.calls == []
+
+
+# -- what the issue found: each against the emulator -------------------------------------------
+
+
+def scripted(*messages_at):
+    """Log entries as (millisecond, message) pairs, identical ones included."""
+    return [{"createdAt": stamp(ms), "level": "INFO", "message": m} for ms, m in messages_at]
+
+
+BURSTY = scripted(
+    (1, "a"),
+    (2, "burst"),
+    (2, "burst"),
+    (2, "burst"),
+    (2, "x"),
+    (2, "burst"),
+    (2, "burst"),
+    (1, "late"),
+    (3, "b"),
+    (3, "b"),
+)
+
+
+def test_a_burst_in_one_millisecond_and_a_late_entry_all_arrive(runtime, client):
+    """Entries sharing a createdAt, or a millisecond older than the one before, were dropped."""
+    run = client.start("script", {"entries": BURSTY})
+    assert list(run.logs()) == BURSTY
+
+
+@pytest.mark.parametrize("after_inclusive", [False, True, "alternate"], ids=["exclusive", "inclusive", "alternate"])
+@pytest.mark.parametrize("cut_after", [1, 2, 3, 4])
+def test_a_reconnect_inside_a_burst_delivers_each_entry_once(runtime, client, after_inclusive, cut_after):
+    """Cut inside a group of equal timestamps, with after= inclusive, exclusive or switching
+    between the two: every entry arrives once, the identical ones too."""
+    runtime.after_inclusive = after_inclusive
+    runtime.fault("GET", "/logs/", cut_after=cut_after, times=3)
+    run = client.start("script", {"entries": BURSTY[:7]})
+    run.wait()
+    assert list(run.logs()) == BURSTY[:7]
+    assert runtime.faults_applied["cut log stream"] == 3
+
+
+@pytest.mark.parametrize("after_inclusive", [False, True])
+def test_millisecond_timestamps_through_many_cuts(runtime, client, after_inclusive):
+    """A chatty run stamped in milliseconds, as real runtimes stamp, its stream cut five times."""
+    runtime.millisecond_stamps, runtime.after_inclusive = True, after_inclusive
+    runtime.fault("GET", "/logs/", cut_after=7, times=5)
+    seen = []
+    assert client.start("talk", {"lines": 60, "interval": 0}).wait(on_log=seen.append) == {"lines": 60}
+    assert messages(seen) == [f"line {i}" for i in range(60)]
+    assert len({e["createdAt"] for e in seen}) < 60  # bursts did share timestamps
+
+
+def test_an_answer_with_a_content_length_cut_short(runtime, client):
+    """A body with a Content-Length cut short: the entries before the cut are delivered before
+    the reconnect (they were thrown away with the error), and the rest after it."""
+    runtime.log_framing = "length"
+    runtime.fault("GET", "/logs/", cut_after=3, times=1)
+    run = client.start("talk", {"lines": 8})
+    run.wait()
+    connections_at = []
+    for _ in run.logs():
+        connections_at.append(len(runtime.calls_to("GET", "/logs/")))
+    assert len(connections_at) == 8
+    assert connections_at[:3] == [1, 1, 1] and connections_at[3:] == [2] * 5
+
+
+def test_a_stream_without_chunks_is_live(runtime, client):
+    """A body that ends when the connection closes was read whole before the first entry came out."""
+    runtime.log_framing = "close"
+    run = client.start("sleep", {"seconds": 30, "lines": 1})
+    stream = run.logs()
+    assert messages([next(stream)]) == ["step 0"]  # long before the run ends
+    stream.close()
+    run = client.start("talk", {"lines": 5})
+    assert messages(run.logs()) == [f"line {i}" for i in range(5)]
+
+
+def test_a_quiet_run_is_not_a_failing_stream(runtime, client, monkeypatch):
+    """Each silent read timeout counted as a failed reconnect: a run quiet for long made logs() raise."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.1)
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 1)
+    runtime.keep_alive = False
+    run = client.start("sleep", {"seconds": 0.8, "lines": 2})
+    assert messages(run.logs()) == ["step 0", "step 1"]
+    assert len(runtime.calls_to("GET", "/logs/")) > 2  # reconnected while quiet, and did not give up
+    assert runtime.calls_to("GET", "/request/")  # asked whether the run had ended
+
+
+def test_logs_end_when_the_run_has_ended_though_keep_alives_go_on(runtime, client, monkeypatch):
+    """A server that keeps the stream open with keep-alive lines after the run: logs() never ended."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(cw, "LOG_GRACE", 0.2)
+    runtime.logs_never_end = True
+    run = client.start("talk", {"lines": 3})
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(messages(run.logs())), daemon=True)
+    reader.start()
+    reader.join(20)
+    assert outcome == [["line 0", "line 1", "line 2"]]
+
+
+@pytest.mark.parametrize("multiline", [False, True])
+def test_server_sent_events_with_ids_retry_and_several_data_lines(multiline, monkeypatch):
+    """SSE: multi-line data joined, "retry:" used as the reconnect delay, Last-Event-ID sent back."""
+    monkeypatch.setattr(cw, "LOG_BACKOFF", (60.0, 60.0))  # only the server's retry: keeps the test quick
+    with FakeRuntime(ndjson=False) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.sse_ids, runtime.sse_retry, runtime.sse_multiline = True, 10, multiline
+        runtime.millisecond_stamps = True
+        runtime.fault("GET", "/logs/", cut_after=4, times=2)
+        run = client.start("talk", {"lines": 12})
+        run.wait()
+        assert messages(run.logs()) == [f"line {i}" for i in range(12)]
+        resumed = [c["headers"].get("Last-Event-ID") for c in runtime.calls_to("GET", "/logs/")]
+        assert resumed == [None, "3", "7"]
+
+
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\r"], ids=["crlf", "cr"])
+@pytest.mark.parametrize("ndjson", [True, False], ids=["ndjson", "sse"])
+def test_other_line_ends_and_a_byte_order_mark(line_end, ndjson):
+    with FakeRuntime(ndjson=ndjson) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.line_end, runtime.bom = line_end, True
+        runtime.fault("GET", "/logs/", cut_after=2, times=1)
+        run = client.start("talk", {"lines": 5})
+        assert messages(run.logs()) == [f"line {i}" for i in range(5)]
+
+
+def test_finish_without_drain_stops_at_once(runtime, client):
+    """finish(drain=False), for Ctrl-C: no grace period, the thread is gone at once."""
+    runtime.logs_never_end = True
+    seen = []
+    run = client.start("talk", {"lines": 2})
+    follower = cw._LogFollower(client, run.request_id, seen.append)
+    run.wait()
+    started = time.monotonic()
+    follower.finish(drain=False)
+    assert time.monotonic() - started < cw.LOG_GRACE
+    assert not follower._thread.is_alive()
