@@ -1303,7 +1303,8 @@ class _LogParser:
 
     A ``text/event-stream`` answer, or one whose first line is an SSE field, is read as events;
     in it, a line that starts with ``{`` is still an entry of its own, as the official clients
-    expect. Anything else is NDJSON, and a line that is not a JSON object is ``{"rawText": line}``.
+    expect. Anything else is NDJSON, where a line that starts with ``:`` is a comment too, and
+    a line that is not a JSON object is ``{"rawText": line}``.
     """
 
     def __init__(self, content_type: str) -> None:
@@ -1322,7 +1323,7 @@ class _LogParser:
             self.sse = self.sse or bool(_SSE_FIELD.match(text))
         if not self.sse:
             text = text.strip()
-            return _parse_log_line(text) if text else None
+            return _parse_log_line(text) if text and not text.startswith(":") else None
         if not text:  # the end of an event
             data, self._data = "\n".join(self._data), []
             return _parse_log_line(data) if data.strip() else None
@@ -1401,11 +1402,11 @@ def _time_order(a: Tuple[str, Optional[int]], b: Tuple[str, Optional[int]]) -> i
 
 def _blocks(response: requests.Response) -> Iterator[bytes]:
     """A streamed body in blocks as they arrive, of up to LOG_BLOCK bytes; ConnectionError if it
-    ends short of its Content-Length. urllib3 1.26 has no read1: there only a chunked body comes
-    block by block, and any other waits for LOG_BLOCK bytes or the end."""
+    ends short of its Content-Length. A urllib3 without read1 (before 2.1) gives a chunked body
+    chunk by chunk too, but reads any other in blocks of LOG_BLOCK bytes or to its end."""
     read1 = getattr(response.raw, "read1", None)
     if read1 is not None:
-        blocks: Iterable[bytes] = iter(lambda: bytes(read1(LOG_BLOCK, decode_content=True)), b"")
+        blocks: Iterable[bytes] = iter(lambda: read1(LOG_BLOCK, decode_content=True), b"")
     else:
         blocks = response.raw.stream(LOG_BLOCK, decode_content=True)
     received = 0

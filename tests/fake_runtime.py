@@ -529,9 +529,9 @@ class _ApiHandler(_Handler):
         """One entry as an NDJSON line or an SSE event, in the line ends the runtime uses."""
         runtime = self.runtime
         if runtime.ndjson:
-            lines = [json.dumps(entry).encode()]
+            lines = [json.dumps(entry, ensure_ascii=False).encode()]
         else:
-            text = json.dumps(entry, indent=1) if runtime.sse_multiline else json.dumps(entry)
+            text = json.dumps(entry, indent=1 if runtime.sse_multiline else None, ensure_ascii=False)
             lines = [b"event: log"] + [b"data: " + part.encode() for part in text.split("\n")]
             if runtime.sse_ids:
                 lines.append(b"id: %d" % index)

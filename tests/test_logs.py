@@ -1,10 +1,12 @@
 """Log streaming: parsing, reconnects that deliver every entry once and in order, and on_log."""
 
+import json
 import logging
 import threading
 import time
 
 import pytest
+import urllib3
 from fake_runtime import FakeRuntime
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,6 +40,7 @@ def parse(body, content_type=""):
         (b'  {"message": "spaces"} \t', {"message": "spaces"}),
         (b"", None),
         (b"   ", None),
+        (b": keep-alive", None),
         (b"Traceback (most recent call last):", {"rawText": "Traceback (most recent call last):"}),
         (b"[1, 2]", {"rawText": "[1, 2]"}),
         (b"\xff\xfe broken utf-8", {"rawText": "\ufffd\ufffd broken utf-8"}),
@@ -100,6 +103,11 @@ def test_ndjson_in_an_event_stream_is_read_line_by_line():
         {"n": 2},
         {"n": 3},
     ]
+
+
+def test_a_last_line_without_a_line_end_is_kept_but_not_a_last_unended_event():
+    assert parse(b'{"n": 1}\n{"n": 2}') == [{"n": 1}, {"n": 2}]
+    assert parse(b'data: {"n": 1}\n\ndata: {"n": 2}\n') == [{"n": 1}]  # the spec drops an unended event
 
 
 def test_split_lines_ends_lines_at_lf_crlf_and_cr_across_blocks():
@@ -367,12 +375,14 @@ def test_a_burst_in_one_millisecond_and_a_late_entry_all_arrive(runtime, client)
     assert list(run.logs()) == BURSTY
 
 
-@pytest.mark.parametrize("after_inclusive", [False, True, "alternate"], ids=["exclusive", "inclusive", "alternate"])
+@pytest.mark.parametrize(
+    "after_inclusive", [False, True, "alternate", None], ids=["exclusive", "inclusive", "alternate", "ignored"]
+)
 @pytest.mark.parametrize("cut_after", [1, 2, 3, 4])
 def test_a_reconnect_inside_a_burst_delivers_each_entry_once(runtime, client, after_inclusive, cut_after):
-    """Cut inside a group of equal timestamps, with after= inclusive, exclusive or switching
-    between the two: every entry arrives once, the identical ones too."""
-    runtime.after_inclusive = after_inclusive
+    """Cut inside a group of equal timestamps, with after= inclusive, exclusive, switching
+    between the two, or ignored: every entry arrives once, the identical ones too."""
+    runtime.after_inclusive, runtime.ignore_after = after_inclusive, after_inclusive is None
     runtime.fault("GET", "/logs/", cut_after=cut_after, times=3)
     run = client.start("script", {"entries": BURSTY[:7]})
     run.wait()
@@ -405,12 +415,16 @@ def test_an_answer_with_a_content_length_cut_short(runtime, client):
     assert connections_at[:3] == [1, 1, 1] and connections_at[3:] == [2] * 5
 
 
+@pytest.mark.skipif(
+    not hasattr(urllib3.response.HTTPResponse, "read1"), reason="an older urllib3 reads such a body to its end"
+)
 def test_a_stream_without_chunks_is_live(runtime, client):
     """A body that ends when the connection closes was read whole before the first entry came out."""
     runtime.log_framing = "close"
     run = client.start("sleep", {"seconds": 30, "lines": 1})
     stream = run.logs()
-    assert messages([next(stream)]) == ["step 0"]  # long before the run ends
+    assert messages([next(stream)]) == ["step 0"]
+    assert not runtime.records[run.request_id].get("completedAt")  # the run goes on
     stream.close()
     run = client.start("talk", {"lines": 5})
     assert messages(run.logs()) == [f"line {i}" for i in range(5)]
@@ -476,3 +490,27 @@ def test_finish_without_drain_stops_at_once(runtime, client):
     follower.finish(drain=False)
     assert time.monotonic() - started < cw.LOG_GRACE
     assert not follower._thread.is_alive()
+
+
+def test_a_cut_inside_a_multibyte_character(runtime, client):
+    """A drop in the middle of a UTF-8 character: no mangled entry, and nothing lost."""
+
+    def cut_inside_a_character(entry):  # the emulator cuts an entry in the middle of its line
+        line = json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+        return line[: len(line) // 2].decode("utf-8", "strict")
+
+    entries = scripted(*[(i, "😀" * 18) for i in range(6)])
+    with pytest.raises(UnicodeDecodeError):
+        cut_inside_a_character(entries[2])
+    runtime.fault("GET", "/logs/", cut_after=2, times=3)
+    run = client.start("script", {"entries": entries})
+    run.wait()
+    assert list(run.logs()) == entries
+
+
+def test_a_silent_stream_that_never_closes_ends_with_the_run(runtime, client, monkeypatch):
+    """A server that neither closes nor says anything once the run has ended."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.2)
+    runtime.logs_never_end, runtime.keep_alive = True, False
+    run = client.start("talk", {"lines": 2})
+    assert messages(run.logs()) == ["line 0", "line 1"]
