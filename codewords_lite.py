@@ -1218,7 +1218,8 @@ class _LogStream:
             position.reconnected()
 
     def _open(self, position: "_LogPosition", started: float) -> Optional[requests.Response]:
-        """GET /logs from where delivery stands; None if it answered 404 while the run may be new."""
+        """GET /logs from where delivery stands; None to try again (a 404 while the run may be new,
+        or no answer in time) or, with ``_ends_at`` set, because the run has ended."""
         query = "?after=" + quote(position.after, safe="") if position.after else ""
         headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if position.event_id:

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import responses
 import urllib3
 from fake_runtime import FakeRuntime
 from hypothesis import given, settings
@@ -143,6 +144,22 @@ def test_timestamps_are_compared_as_instants(earlier, later):
 def test_an_unparsable_timestamp_falls_back_to_text_order():
     assert cw._instant("yesterday") is None
     assert cw._time_order(("b", None), ("a", None)) == 1 and cw._time_order(("a", None), ("a", None)) == 0
+
+
+def test_the_log_request_on_the_wire():
+    """GET /logs/{id} asks for an event stream, uncompressed, and the answer is read as it says."""
+    with responses.RequestsMock() as mock:
+        mock.get(
+            "https://runtime.example/logs/req_1",
+            body=b'event: log\ndata: {"message": "a",\ndata: "n": 1}\nid: 1\n\n',
+            content_type="text/event-stream",
+        )
+        client = cw.Client("cwk-test", base_url="https://runtime.example")
+        assert list(client.logs("req_1")) == [{"message": "a", "n": 1}]
+        (call,) = mock.calls
+    assert call.request.headers["Accept"] == "text/event-stream"
+    assert call.request.headers["Accept-Encoding"] == "identity"
+    assert "Last-Event-ID" not in call.request.headers
 
 
 # -- the de-duplicator: what a reconnect replays is skipped, nothing else -------------------------
@@ -439,6 +456,15 @@ def test_a_quiet_run_is_not_a_failing_stream(runtime, client, monkeypatch):
     assert messages(run.logs()) == ["step 0", "step 1"]
     assert len(runtime.calls_to("GET", "/logs/")) > 2  # reconnected while quiet, and did not give up
     assert runtime.calls_to("GET", "/request/")  # asked whether the run had ended
+
+
+def test_a_short_client_timeout_does_not_shorten_a_quiet_stream(runtime, monkeypatch):
+    """The read timeout was capped by Client(timeout): with timeout=0.3 a quiet half second failed."""
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 1)
+    runtime.keep_alive = False
+    with cw.Client(runtime.api_key, base_url=runtime.url, timeout=0.3) as client:
+        run = client.start("sleep", {"seconds": 0.9, "lines": 1})
+        assert messages(run.logs()) == ["step 0"]
 
 
 def test_logs_end_when_the_run_has_ended_though_keep_alives_go_on(runtime, client, monkeypatch):
