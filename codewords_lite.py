@@ -97,7 +97,7 @@ RETRY_AFTER_MAX = 60.0  # the longest Retry-After honoured
 LOG_READ_TIMEOUT = 60.0  # a log stream with no entry this long: ask whether the run has ended
 LOG_BACKOFF = (0.5, 5.0)  # first and longest sleep before reconnecting a dropped log stream
 LOG_RECONNECTS = 10  # drops in a row, with no entry between them, before giving up
-LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404
+LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404 before we ask about the run
 LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
 LOG_BLOCK = 64 << 10  # the most bytes read from a log stream at once
 LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
@@ -1218,8 +1218,8 @@ class _LogStream:
             position.reconnected()
 
     def _open(self, position: "_LogPosition", started: float) -> Optional[requests.Response]:
-        """GET /logs from where delivery stands; None to try again (a 404 while the run may be new,
-        or no answer in time) or, with ``_ends_at`` set, because the run has ended."""
+        """GET /logs from where delivery stands; None to try again (a 404 while the run goes on,
+        or no answer in time) or, with ``_ends_at`` set, because the run has ended meanwhile."""
         query = "?after=" + quote(position.after, safe="") if position.after else ""
         headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if position.event_id:
@@ -1235,9 +1235,14 @@ class _LogStream:
                 stream=True,
             )
         except NotFoundError:
-            if time.monotonic() - started > LOG_NOT_FOUND_GRACE:
+            # A run just started, or still queued, may have no logs yet: wait while it goes on
+            # (details() raises NotFoundError for a run that does not exist).
+            if time.monotonic() - started < LOG_NOT_FOUND_GRACE:
+                self._closed.wait(POLL_BACKOFF[0])
+            elif self._run_has_ended():
                 raise
-            self._closed.wait(POLL_BACKOFF[0])  # a run just started may not be registered yet
+            else:
+                self._closed.wait(POLL_BACKOFF[1])
             return None
         except APITimeoutError:  # no answer yet is silence too
             if self._run_has_ended():

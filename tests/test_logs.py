@@ -270,6 +270,25 @@ def test_a_404_just_after_the_start_is_retried(runtime, client):
     assert messages(run.logs()) == ["line 0", "line 1", "line 2"]
 
 
+def test_logs_that_answer_404_for_longer_than_the_grace_while_the_run_goes_on(runtime, client, monkeypatch):
+    """A queued run may have no logs for a while: they raised NotFoundError after five seconds."""
+    monkeypatch.setattr(cw, "LOG_NOT_FOUND_GRACE", 0.0)
+    monkeypatch.setattr(cw, "POLL_BACKOFF", (0.01, 0.01))
+    runtime.fault("GET", "/logs/", status=404, times=5)
+    run = client.start("sleep", {"seconds": 0.6, "lines": 3})
+    assert messages(run.logs()) == ["step 0", "step 1", "step 2"]
+    assert len(runtime.calls_to("GET", "/request/")) == 5  # asked each time whether the run goes on
+
+
+def test_logs_that_answer_404_after_the_run_has_ended_raise(runtime, client, monkeypatch):
+    monkeypatch.setattr(cw, "LOG_NOT_FOUND_GRACE", 0.0)
+    runtime.fault("GET", "/logs/", status=404, times=1)
+    run = client.start("talk", {"lines": 3})
+    run.wait()
+    with pytest.raises(cw.NotFoundError, match="/logs/"):
+        list(run.logs())
+
+
 def test_logs_of_an_unknown_request_raise_not_found(runtime, client, monkeypatch):
     monkeypatch.setattr(cw, "LOG_NOT_FOUND_GRACE", 0.3)
     with pytest.raises(cw.NotFoundError):
