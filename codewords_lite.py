@@ -1220,7 +1220,7 @@ class _LogStream:
                 self._closed.wait(wait)
             position.reconnected()
 
-    def _open(self, position: "_LogPosition", started: float) -> Optional[requests.Response]:
+    def _open(self, position: _LogPosition, started: float) -> Optional[requests.Response]:
         """GET /logs from where delivery stands; None to try again (a 404 while the run goes on,
         or no answer in time) or, with ``_ends_at`` set, because the run has ended meanwhile."""
         query = "?after=" + quote(position.after, safe="") if position.after else ""
