@@ -372,6 +372,7 @@ class _ApiHandler(_Handler):
                     "headers": dict(self.headers),
                     "body": body,
                     "at": time.monotonic(),
+                    "peer": self.client_address[1],  # the client's port: one per connection
                 }
             )
         if not runtime.check_key(self.headers.get("Authorization")):
