@@ -232,6 +232,7 @@ class FakeRuntime:
             self.executions[service_id] += 1
             self.records[request_id]["startedAt"] = now_iso()
             self.most_running = max(self.most_running, self.running)  # counted in by the handler
+            self.lock.notify_all()  # for tests that wait for a run to start
 
         def log(message: str) -> None:
             with self.lock:

@@ -185,7 +185,9 @@ CTRL_C_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, sys.argv[1])
+    import logging
     import codewords_lite as cw
+    logging.basicConfig()  # the library prints nothing on its own: show its warning
     client = cw.Client(sys.argv[2], base_url=sys.argv[3])
     print("started", flush=True)
     for output in client.map("sleep", [{"seconds": 1.5}] * 20, max_workers=3):
@@ -202,7 +204,8 @@ def test_ctrl_c_stops_the_map_and_names_the_runs_that_go_on(runtime):
         text=True,
     )
     assert process.stdout.readline() == "started\n"
-    time.sleep(0.8)
+    with runtime.lock:  # the three workers' runs are going
+        assert runtime.lock.wait_for(lambda: runtime.executions["sleep"] == 3, timeout=30)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert "KeyboardInterrupt: map of sleep interrupted; runs that go on: item 0 (req_" in stderr
