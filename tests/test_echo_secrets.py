@@ -135,3 +135,16 @@ def test_no_echoed_key_on_the_command_line(echo, status):
         )
         assert result.returncode in (0, 1), result.stderr  # details prints the record, the key masked
         assert PREFIX not in result.stdout + result.stderr
+
+
+def test_an_answer_to_post_file_cannot_send_the_key_to_the_storage_host(quick_retries):
+    """Regression: upload_headers (or an upload_uri) that echo the key sent it to the storage host."""
+    from fake_runtime import FakeRuntime
+
+    with FakeRuntime(api_key=KEY) as runtime:
+        runtime.upload_headers = {"X-Amz-Meta-Echo": "Bearer " + KEY}
+        client = cw.Client(KEY, base_url=runtime.url)
+        with pytest.raises(cw.APIStatusError) as info:
+            client.upload(b"abc", filename="a.txt")
+        assert PREFIX not in " ".join(_texts(info.value))
+        assert runtime.storage_calls and PREFIX not in json.dumps(runtime.storage_calls)
