@@ -1715,6 +1715,11 @@ def _cli_inputs(args: Any) -> Dict[str, Any]:
     import sys
 
     inputs: Any = {}
+    for argument in [args.inputs or "", *args.fields]:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+            raise _UsageError(f"{argument!r} is not UTF-8 text") from None
     try:
         if args.inputs == "-":
             text = sys.stdin.buffer.read().decode("utf-8")

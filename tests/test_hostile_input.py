@@ -169,6 +169,9 @@ def test_a_non_utf8_inputs_file_or_stdin_is_one_line_and_exit_2(runtime, tmp_pat
         result = _cli(runtime, *args, stdin=stdin)
         assert result.returncode == 2
         assert result.stderr.decode().count("\n") == 1 and "UTF-8" in result.stderr.decode()
+    for argument in [b"a=\xff", b'{"a": "\xff"}']:  # not UTF-8 on the command line itself
+        result = _cli(runtime, "run", "echo", *([b"-i"] if argument.startswith(b"a=") else []), argument)
+        assert result.returncode == 2 and result.stderr.count(b"\n") == 1 and b"UTF-8" in result.stderr
     deep = _cli(runtime, "run", "echo", "-", stdin=b"[" * 100_000)
     field = _cli(runtime, "run", "echo", "-i", "a=" + "[" * 100_000)
     assert (deep.returncode, field.returncode) == (2, 2)
