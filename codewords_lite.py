@@ -1584,11 +1584,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return code
     if output is not _NO_OUTPUT:
         layout: Dict[str, Any] = {"indent": 2} if sys.stdout.isatty() else {"separators": (",", ":")}
-        print(_json_text(output, **layout))
+        print(_json_text(_unechoed(output), **layout))
     return EXIT_OK
 
 
 _NO_OUTPUT: Any = object()  # a command that has printed what it had to say
+
+
+def _unechoed(value: Any) -> Any:
+    """What the command line prints, with the key masked: a workflow or a server may echo it."""
+    key = os.environ.get(API_KEY_ENV)
+    return _masked(value, key) if key else value
 
 
 def _cli_failure(error: Exception) -> Tuple[int, str]:
@@ -1693,7 +1699,7 @@ def _cli_logs(client: Client, args: Any, status: "_Status") -> Any:
 
     status.request_id = args.request_id
     for entry in client.logs(args.request_id):
-        sys.stdout.write(_json_text(entry) + "\n")
+        sys.stdout.write(_json_text(_unechoed(entry)) + "\n")
         sys.stdout.flush()
     return _NO_OUTPUT
 
@@ -1772,7 +1778,7 @@ class _Status:
             return None
 
         def on_log(entry: LogEntry) -> None:
-            text = str(entry.get("message", entry.get("rawText", json.dumps(entry, ensure_ascii=False))))
+            text = str(_unechoed(entry.get("message", entry.get("rawText", json.dumps(entry, ensure_ascii=False)))))
             with self._lock:
                 self._newest_log = " ".join(text.split())
                 if print_all:

@@ -124,7 +124,8 @@ def test_no_echoed_key_on_the_command_line(echo, status):
     """The command line's one-line message and its --debug traceback and log, against the echo."""
     _Echo.status, _Echo.shape = status, "cut"
     env = dict(os.environ, CODEWORDS_API_KEY=KEY, CODEWORDS_BASE_URL=f"http://127.0.0.1:{echo.server_address[1]}")
-    for command in (["run", "svc"], ["start", "svc"], ["details", "req_1"], ["upload", __file__]):
+    commands = [["run", "svc"], ["run", "svc", "--fallback", "off"], ["start", "svc"], ["details", "req_1"]]
+    for command in [*commands, ["logs", "req_1"], ["result", "req_1", "--logs"], ["upload", __file__]]:
         result = subprocess.run(
             [sys.executable, "-m", "codewords_lite", *command, "--debug"],
             cwd=ROOT,
@@ -133,7 +134,7 @@ def test_no_echoed_key_on_the_command_line(echo, status):
             text=True,
             timeout=60,
         )
-        assert result.returncode in (0, 1), result.stderr  # details prints the record, the key masked
+        assert result.returncode in (0, 1), result.stderr  # some print what the server said, the key masked
         assert PREFIX not in result.stdout + result.stderr
 
 
