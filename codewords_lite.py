@@ -396,9 +396,10 @@ class Client:
         Ctrl-C raises KeyboardInterrupt saying whether the run was sent and how to pick it up.
         """
         follower: Optional[_LogFollower] = None
-        interrupted = False
+        interrupted, sending = False, False
         try:
             self._claim_id(plan)
+            sending = True
             if plan.on_log is not None and plan.request_id:
                 follower = _LogFollower(self, plan.request_id, plan.on_log)
             try:
@@ -433,7 +434,9 @@ class Client:
             return _decode(response.content)
         except KeyboardInterrupt:
             interrupted = True
-            raise KeyboardInterrupt(_interrupted(f"run of {plan.service_id}", plan.request_id)) from None
+            what = f"run of {plan.service_id}"
+            message = _interrupted(what, plan.request_id) if sending else f"{what} interrupted before it was sent"
+            raise KeyboardInterrupt(message) from None
         finally:
             if follower is not None:
                 follower.finish(drain=not interrupted)
@@ -789,11 +792,11 @@ class Client:
             cause = outcome if isinstance(outcome, BaseException) else None
             if then == _CUT:
                 raise _CutShort(error) from cause
-            if then == _ASK and request_id is not None and isinstance(error, APIStatusError):
+            if then in (_ASK, _CHECK) and request_id is not None and isinstance(error, APIStatusError):
                 self._raise_if_started(error, request_id, deadline)
             if isinstance(error, RateLimitError):
                 self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
-            if then == _RAISE or (then == _ASK and request_id is None):
+            if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
                 raise error from cause  # a run that may have started, or that cannot be told apart
             if attempt == retries or time.monotonic() + wait >= deadline:
                 raise error from cause
@@ -818,7 +821,8 @@ class Client:
         after any failure that may pass. POST /run_async answers before its run starts, so its
         429 and 503 may be sent again. POST /run may be sent again only when its run is known
         not to have started: a 429 or 503 not marked as the workflow's is _ASK (the record
-        says), and a 504 from the gateway or a read timeout is _CUT (it was sent; it may go on).
+        says whether it started), other 4xx are _CHECK (the record says whose answer it was),
+        and a 504 from the gateway or a read timeout is _CUT (it was sent; it may go on).
         """
         if isinstance(outcome, requests.RequestException):
             error: CodewordsError = _connection_error(method, url_path, outcome, request_id)
@@ -839,13 +843,15 @@ class Client:
             return error, _CUT, 0.0
         if status in (429, 503):
             return error, _ASK if kind == _RUN else _RESEND, wait
+        if kind == _RUN and status < 500 and status not in (401, 403):
+            return error, _CHECK, 0.0
         if not kind and status in (500, 502, 504):
             return error, _RESEND, wait
         return error, _RAISE, 0.0
 
     def _raise_if_started(self, error: APIStatusError, request_id: str, deadline: float) -> None:
-        """After a 429 or 503 to POST /run: raise it as the workflow's answer if the run had
-        started, or as it is if that cannot be known; return if the gateway turned it away."""
+        """After an error answer to POST /run with no Error-Origin: raise it as the workflow's
+        (RunFailed) if the run had started, or as it is if that cannot be known; return if not."""
         try:
             response = self._request("GET", f"/request/{request_id}", deadline=deadline, request_id=request_id)
             record = _record_in(response, request_id)
@@ -1223,7 +1229,9 @@ def _without_query(url: str) -> str:
 # -- runs ----------------------------------------------------------------------------------------
 
 _RUN, _START = "run", "start"  # the kinds of call that start a workflow: POST /run, POST /run_async
-_RESEND, _RAISE, _ASK, _CUT = "resend", "raise", "ask", "cut"  # what _judge says to do after a failure
+# What _judge says to do after a failure: send again, raise, ask the record whether the run
+# started (send again if not), ask it whose answer it was (raise either way), or fall back.
+_RESEND, _RAISE, _ASK, _CHECK, _CUT = "resend", "raise", "ask", "check", "cut"
 _ONE_REQUEST = "{}, and a one-time key allows one request"
 _TIMEOUT_MIN = 0.001  # less time than this left before a deadline is none: requests refuses 0
 

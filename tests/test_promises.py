@@ -214,6 +214,9 @@ def test_a_workflows_failure_is_run_failed_however_it_is_waited_for(runtime, cli
         assert error.status_code == 404 and error.detail == "no such customer"
         assert not isinstance(error, cw.NotFoundError)
     assert waited.value.record["responseStatus"] == 404
+    with pytest.raises(cw.RunFailed) as returned:  # return JSONResponse(status_code=404): no Error-Origin
+        client.run("refuse", inputs)
+    assert returned.value.status_code == 404 and returned.value.record["serviceId"] == "refuse"
     with pytest.raises(cw.NotFoundError) as misspelt:
         client.run("no-such-service")
     assert not isinstance(misspelt.value, cw.RunFailed)
