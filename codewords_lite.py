@@ -518,8 +518,9 @@ class Client:
                         window[pool.submit(self._map_item, service_id, item[1], options, item[0], gate)] = item[0]
                 if not window:
                     return
-                finished, _ = concurrent.futures.wait(window, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished - counted:
+                running = [f for f in window if f not in counted]  # waiting on a finished one would spin
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
                     counted.add(future)
                     if future.cancelled():
                         continue
@@ -531,7 +532,7 @@ class Client:
                                 later.cancel()
                 if on_progress is not None:
                     on_progress(done, total)
-                ready = itertools.takewhile(counted.__contains__, window) if ordered else finished
+                ready = itertools.takewhile(counted.__contains__, window) if ordered else list(finished)
                 for future in list(ready):
                     index = window.pop(future)
                     counted.discard(future)
@@ -785,6 +786,8 @@ class Client:
                     outcome = exc
                 error, then, wait = self._judge(method, url_path, outcome, kind, request_id, not_yet, attempt)
                 answered = error is None
+                if isinstance(error, RateLimitError):
+                    self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
             finally:
                 self._gate.leave(starts_a_run, answered)
             if error is None:
@@ -794,8 +797,6 @@ class Client:
                 raise _CutShort(error) from cause
             if then in (_ASK, _CHECK) and request_id is not None and isinstance(error, APIStatusError):
                 self._raise_if_started(error, request_id, deadline)
-            if isinstance(error, RateLimitError):
-                self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
             if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
                 raise error from cause  # a run that may have started, or that cannot be told apart
             if attempt == retries or time.monotonic() + wait >= deadline:
