@@ -786,6 +786,8 @@ class Client:
                     outcome = exc
                 error, then, wait = self._judge(method, url_path, outcome, kind, request_id, not_yet, attempt)
                 answered = error is None
+                if then in (_ASK, _CHECK) and request_id is not None and isinstance(error, APIStatusError):
+                    self._raise_if_started(error, request_id, deadline)  # asked before the pause below
                 if isinstance(error, RateLimitError):
                     self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
             finally:
@@ -795,8 +797,6 @@ class Client:
             cause = outcome if isinstance(outcome, BaseException) else None
             if then == _CUT:
                 raise _CutShort(error) from cause
-            if then in (_ASK, _CHECK) and request_id is not None and isinstance(error, APIStatusError):
-                self._raise_if_started(error, request_id, deadline)
             if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
                 raise error from cause  # a run that may have started, or that cannot be told apart
             if attempt == retries or time.monotonic() + wait >= deadline:
