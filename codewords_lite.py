@@ -415,7 +415,7 @@ class Client:
                     admit=plan.admit,
                 )
             except _CutShort as cut:
-                if time.monotonic() >= plan.deadline:
+                if _passed(plan.deadline):
                     raise _run_timeout(plan.service_id, plan.request_id) from cut.error
                 if plan.fallback == "resume" and plan.request_id:
                     logger.info("blocking run %s cut short (%s); waiting for it by its id", plan.request_id, cut.error)
@@ -723,7 +723,7 @@ class Client:
                     not_yet=(408, 504),
                 )
             except APIConnectionError as exc:
-                if time.monotonic() >= deadline:
+                if _passed(deadline):
                     raise _run_timeout(None, request_id) from exc
                 raise
             if response.status_code < 300:
@@ -732,7 +732,7 @@ class Client:
                     return record
             if one_time:
                 raise _run_timeout(None, request_id, "the one poll a one-time key allows")
-            if time.monotonic() >= deadline:
+            if _passed(deadline):
                 raise _run_timeout(None, request_id)
             if time.monotonic() - asked >= HELD_POLL_MIN:
                 backoff = POLL_BACKOFF[0]
@@ -1234,7 +1234,7 @@ _RUN, _START = "run", "start"  # the kinds of call that start a workflow: POST /
 # started (send again if not), ask it whose answer it was (raise either way), or fall back.
 _RESEND, _RAISE, _ASK, _CHECK, _CUT = "resend", "raise", "ask", "check", "cut"
 _ONE_REQUEST = "{}, and a one-time key allows one request"
-_TIMEOUT_MIN = 0.001  # less time than this left before a deadline is none: requests refuses 0
+_TIMEOUT_MIN = 0.001  # a deadline closer than this has passed: requests refuses a timeout of 0
 
 
 class _RunPlan:
@@ -1300,9 +1300,14 @@ class _MapGate:
 
 def _timeouts(deadline: float, connect: float, read: float) -> Optional[Tuple[float, float]]:
     """The (connect, read) timeouts of a call, cut to what is left before its deadline; None if
-    nothing is left."""
+    it has passed."""
     left = deadline - time.monotonic()
     return None if left < _TIMEOUT_MIN else (min(connect, left), min(read, left))
+
+
+def _passed(deadline: float) -> bool:
+    """Whether a deadline has passed, or is too close for one more request (see _timeouts)."""
+    return deadline - time.monotonic() < _TIMEOUT_MIN
 
 
 def _finished(record: Dict[str, Any]) -> bool:
