@@ -266,8 +266,9 @@ class Client:
     """A connection to the CodeWords runtime; safe to share between threads.
 
     The API key is read when first needed, so making a client never fails for a missing key.
-    With a one-time key (``cwotk-``) every call sends exactly one request: no retries, no
-    provisioned id and no fallback, since the first request spends the key.
+    With a one-time key (``cwotk-``) every call sends exactly one request, since the first
+    request spends the key: no retries, no provisioned id, no fallback, no log stream, one
+    poll; a call that needs more (``on_log``, ``map``) is refused before anything is sent.
     """
 
     def __init__(
@@ -380,9 +381,9 @@ class Client:
                 raise ConfigurationError(_ONE_REQUEST.format("on_log streams logs"))
             if fallback is not _CLIENT_DEFAULT and fallback is not None:
                 raise ConfigurationError(_ONE_REQUEST.format(f"fallback={fallback!r} sends a second request"))
-            return _RunPlan(service_id, path, inputs, url_path, body, None, deadline, request_id, False, None)
+            return _RunPlan(service_id, path, url_path, body, None, deadline, request_id, False, None)
         provision = request_id is None and (chosen == "resume" or on_log is not None)
-        return _RunPlan(service_id, path, inputs, url_path, body, chosen, deadline, request_id, provision, on_log)
+        return _RunPlan(service_id, path, url_path, body, chosen, deadline, request_id, provision, on_log)
 
     def _claim_id(self, plan: "_RunPlan") -> None:
         """Provision the run's request id, if its plan asks for one."""
@@ -1244,7 +1245,6 @@ class _RunPlan:
         self,
         service_id: str,
         path: str,
-        inputs: Optional[Mapping[str, Any]],
         url_path: str,
         body: bytes,
         fallback: Optional[str],
@@ -1253,7 +1253,7 @@ class _RunPlan:
         provision: bool,
         on_log: Optional[Callable[[LogEntry], Any]],
     ) -> None:
-        self.service_id, self.path, self.inputs, self.url_path, self.body = service_id, path, inputs, url_path, body
+        self.service_id, self.path, self.url_path, self.body = service_id, path, url_path, body
         self.fallback, self.deadline, self.request_id = fallback, deadline, request_id
         self.provision = provision  # a request id is to be provisioned before the run is sent
         self.on_log = on_log
