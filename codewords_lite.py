@@ -392,55 +392,62 @@ class Client:
             plan.provision = False
 
     def _run(self, plan: "_RunPlan") -> Any:
-        """A planned run: POST /run, its logs, and the fallback if its answer is cut short.
+        """A planned run, with its logs streamed while it goes on.
 
         Ctrl-C raises KeyboardInterrupt saying whether the run was sent and how to pick it up.
         """
-        follower: Optional[_LogFollower] = None
-        interrupted, sending = False, False
+        sending, ended = False, False  # ended: the run has finished, so its log stream ends too
         try:
             self._claim_id(plan)
             sending = True
             if plan.on_log is not None and plan.request_id:
-                follower = _LogFollower(self, plan.request_id, plan.on_log)
-            try:
-                response = self._request(
-                    "POST",
-                    plan.url_path,
-                    body=plan.body,
-                    headers={PROVISION_HEADER: plan.request_id} if plan.request_id else None,
-                    read_timeout=self.sync_timeout,
-                    deadline=plan.deadline,
-                    kind=_RUN,
-                    request_id=plan.request_id,
-                    admit=plan.admit,
-                )
-            except _CutShort as cut:
-                if _passed(plan.deadline):
-                    raise _run_timeout(plan.service_id, plan.request_id) from cut.error
-                if plan.fallback == "resume" and plan.request_id:
-                    logger.info("blocking run %s cut short (%s); waiting for it by its id", plan.request_id, cut.error)
-                    return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
-                if plan.fallback != "rerun":
-                    raise cut.error from cut.__cause__
-                logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, cut.error)
-                if follower is not None:  # only the run whose output is returned streams its logs
-                    follower.finish(drain=False)
-                    follower = None
-                url_path = _service_path("run_async", plan.service_id, plan.path)
-                plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit).request_id
-                if plan.on_log is not None:
-                    follower = _LogFollower(self, plan.request_id, plan.on_log)
-                return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
-            return _decode(response.content)
+                plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
+            output = self._run_blocking(plan)
+            ended = True
+            return output
+        except RunFailed:
+            ended = True
+            raise
         except KeyboardInterrupt:
-            interrupted = True
             what = f"run of {plan.service_id}"
             message = _interrupted(what, plan.request_id) if sending else f"{what} interrupted before it was sent"
             raise KeyboardInterrupt(message) from None
         finally:
-            if follower is not None:
-                follower.finish(drain=not interrupted)
+            if plan.follower is not None:
+                plan.follower.finish(drain=ended)
+
+    def _run_blocking(self, plan: "_RunPlan") -> Any:
+        """POST /run, and the plan's fallback if its answer is cut short."""
+        try:
+            response = self._request(
+                "POST",
+                plan.url_path,
+                body=plan.body,
+                headers={PROVISION_HEADER: plan.request_id} if plan.request_id else None,
+                read_timeout=self.sync_timeout,
+                deadline=plan.deadline,
+                kind=_RUN,
+                request_id=plan.request_id,
+                admit=plan.admit,
+            )
+        except _CutShort as cut:
+            if _passed(plan.deadline):
+                raise _run_timeout(plan.service_id, plan.request_id) from cut.error
+            if plan.fallback == "resume" and plan.request_id:
+                logger.info("blocking run %s cut short (%s); waiting for it by its id", plan.request_id, cut.error)
+                return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
+            if plan.fallback != "rerun":
+                raise cut.error from cut.__cause__
+            logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, cut.error)
+            if plan.follower is not None:  # only the run whose output is returned streams its logs
+                plan.follower.finish(drain=False)
+                plan.follower = None
+            url_path = _service_path("run_async", plan.service_id, plan.path)
+            plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit).request_id
+            if plan.on_log is not None:
+                plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
+            return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
+        return _decode(response.content)
 
     def start(self, service_id: str, inputs: Optional[Mapping[str, Any]] = None, *, path: str = "") -> Run:
         """Start a workflow in the background (POST /run_async) and return its Run."""
@@ -1258,6 +1265,7 @@ class _RunPlan:
         self.provision = provision  # a request id is to be provisioned before the run is sent
         self.on_log = on_log
         self.admit: Optional[Callable[[], None]] = None  # called before each send: map's stop
+        self.follower: Optional[_LogFollower] = None  # streaming the logs of the run sent
 
 
 class _CutShort(Exception):
@@ -1553,6 +1561,9 @@ class _LogStream:
                 time.sleep(POLL_BACKOFF[0])  # a run just started may not be registered yet
                 continue
             self._response = response
+            if self._closed:  # closed while the stream was being opened: close() could not reach it
+                response.close()
+                return
             try:
                 with response:
                     for line in _split_lines(response.iter_content(chunk_size=None)):

@@ -362,3 +362,16 @@ def test_run_timeout_says_how_to_pick_the_run_up(runtime, client):
         client.run("sleep", {"seconds": 2}, timeout=0.5)
     request_id = info.value.request_id
     assert request_id and f'client.result("{request_id}")' in str(info.value)
+
+
+def test_a_run_refused_before_it_started_does_not_wait_for_its_log_stream(runtime, client):
+    """Sibling of item 9: a run the API refused never writes logs, so on_log's stream is not
+    drained for two seconds before the error is raised; a finished run's logs all arrive."""
+    started = time.monotonic()
+    with pytest.raises(cw.NotFoundError):
+        client.run("no-such-service", on_log=lambda entry: None)
+    assert time.monotonic() - started < 1.0
+    entries = []
+    with pytest.raises(cw.RunFailed):
+        client.run("fail", {"status": 500}, on_log=entries.append)
+    assert [e["message"] for e in entries] == ["about to fail"]
