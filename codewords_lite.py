@@ -689,6 +689,8 @@ class Client:
                 detail=exc.detail,
                 body=exc.body,
             ) from None
+        except APIConnectionError as exc:  # the run has not been sent: say so, not which call failed
+            raise type(exc)(f"the run was not sent: provisioning its request id failed: {exc}") from exc
         except APIStatusError as exc:
             if exc.status_code not in (404, 405, 501):
                 raise
