@@ -93,7 +93,7 @@ def test_a_result_that_is_not_a_record(body):
         ({"responseStatus": "teapot", "responseJson": 1}, 1),
         ({"responseStatus": 200.0, "responseContent": 17}, None),
         ({"responseStatus": [500], "responseJson": {"detail": "x"}}, {"detail": "x"}),
-        ({"id": "req_1"}, None),
+        ({"id": "req_1", "completedAt": 1}, None),  # without completedAt it is not finished (issue 10, 8)
     ],
 )
 def test_a_record_with_oddly_typed_fields(record, output):
