@@ -115,7 +115,7 @@ def test_no_echoed_key_in_any_exception_or_log_record(echo, shape, caplog, monke
                     texts.append(json.dumps(getattr(error, name, None), default=repr))
     texts += [record.getMessage() for record in caplog.records] + [caplog.text]
     assert errors >= 60
-    assert any("could not provision" in record.getMessage() for record in caplog.records)
+    assert any("offers no request ids" in record.getMessage() for record in caplog.records)
     assert [text for text in texts if PREFIX in text] == []
 
 
@@ -125,7 +125,7 @@ def test_no_echoed_key_on_the_command_line(echo, status):
     _Echo.status, _Echo.shape = status, "cut"
     env = dict(os.environ, CODEWORDS_API_KEY=KEY, CODEWORDS_BASE_URL=f"http://127.0.0.1:{echo.server_address[1]}")
     commands = [["run", "svc"], ["run", "svc", "--fallback", "off"], ["start", "svc"], ["details", "req_1"]]
-    for command in [*commands, ["logs", "req_1"], ["result", "req_1", "--logs"], ["upload", __file__]]:
+    for command in [*commands, ["logs", "req_1"], ["result", "req_1", "--logs", "--timeout", "2"], ["upload", __file__]]:
         result = subprocess.run(
             [sys.executable, "-m", "codewords_lite", *command, "--debug"],
             cwd=ROOT,
@@ -134,7 +134,9 @@ def test_no_echoed_key_on_the_command_line(echo, status):
             text=True,
             timeout=60,
         )
-        assert result.returncode in (0, 1), result.stderr  # some print what the server said, the key masked
+        # Some print what the server said, the key masked; an echoed record is not a finished one,
+        # so `result` waits for it until its deadline (exit 3).
+        assert result.returncode in (0, 1, 3), result.stderr
         assert PREFIX not in result.stdout + result.stderr
 
 
