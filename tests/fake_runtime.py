@@ -12,6 +12,7 @@ server on another port plays the storage host that presigned upload URLs point t
 import collections
 import datetime
 import hashlib
+import itertools
 import json
 import random
 import socket
@@ -154,6 +155,11 @@ class FakeRuntime:
         self.sse_ids = False  # True: each event has an "id:", and Last-Event-ID resumes after it
         self.sse_retry: Optional[int] = None  # a "retry:" field, in milliseconds, opening each SSE stream
         self.sse_multiline = False  # True: each event's JSON is spread over several "data:" lines
+        self.sse_resume = True  # False: Last-Event-ID is ignored, only ?after= counts
+        self.sse_id_prefix = ""  # put before each SSE id: non-ASCII, or a space the client cannot send back
+        self.sse_pings = False  # True: SSE keep-alives are "event: ping" events, not comments
+        self.shuffle_ties = False  # True: reconnects list entries of equal createdAt in reverse order
+        self.log_close_after: Optional[int] = None  # end each /logs answer cleanly after this many entries
         self.line_end = b"\n"  # or b"\r\n", b"\r"
         self.bom = False  # True: each /logs body starts with a UTF-8 byte order mark
         self.log_connections = 0
@@ -498,8 +504,10 @@ class _ApiHandler(_Handler):
             if inclusive == "alternate":
                 inclusive = runtime.log_connections % 2 == 0
             entries = runtime.log_entries[request_id]
-            if runtime.sse_ids and self.headers.get("Last-Event-ID"):
-                index = int(self.headers["Last-Event-ID"]) + 1
+            self.reconnect = runtime.log_connections > 1
+            last_event_id = self.headers.get("Last-Event-ID", "").encode("latin-1").decode("utf-8")
+            if runtime.sse_ids and runtime.sse_resume and last_event_id:
+                index = int(last_event_id[len(runtime.sse_id_prefix) :]) + 1
             elif after and not runtime.ignore_after:
                 index = next(
                     (
@@ -534,7 +542,7 @@ class _ApiHandler(_Handler):
             text = json.dumps(entry, indent=1 if runtime.sse_multiline else None, ensure_ascii=False)
             lines = [b"event: log"] + [b"data: " + part.encode() for part in text.split("\n")]
             if runtime.sse_ids:
-                lines.append(b"id: %d" % index)
+                lines.append(b"id: " + (runtime.sse_id_prefix + str(index)).encode())
             lines.append(b"")
         return b"".join(line + runtime.line_end for line in lines)
 
@@ -571,6 +579,8 @@ class _ApiHandler(_Handler):
         if self.opening():
             self.write(self.opening())
         while True:
+            if sent == runtime.log_close_after:  # a clean end while the run goes on
+                return self.chunk(b"") if runtime.log_framing == "chunked" else None
             with runtime.lock:
                 runtime.lock.wait_for(
                     lambda index=index: (  # type: ignore[misc]
@@ -581,13 +591,19 @@ class _ApiHandler(_Handler):
                 )
                 fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
             if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:
-                self.write(runtime.line_end if runtime.ndjson else b": keep-alive" + runtime.line_end * 2)
-            for offset, entry in enumerate(fresh):
-                event = self.event(entry, index + offset)
+                self.write(self.keep_alive())
+            listed = list(enumerate(fresh, index))
+            if runtime.shuffle_ties and self.reconnect:  # ORDER BY createdAt, ties in another order
+                runs = itertools.groupby(listed, key=lambda pair: pair[1].get("createdAt"))
+                listed = [pair for _, run in runs for pair in reversed(list(run))]
+            for position, entry in listed:
+                event = self.event(entry, position)
                 if fault and fault.cut_after is not None and sent == fault.cut_after:
                     runtime.faults_applied["cut log stream"] += 1
                     self.write(event[: len(event) // 2])
                     return self.drop()
+                if sent == runtime.log_close_after:  # a clean end while the run goes on
+                    return self.chunk(b"") if runtime.log_framing == "chunked" else None
                 self.write(event)
                 sent += 1
             index += len(fresh)
@@ -595,6 +611,14 @@ class _ApiHandler(_Handler):
                 if runtime.log_framing == "chunked":
                     self.chunk(b"")  # the last chunk
                 return
+
+    def keep_alive(self) -> bytes:
+        runtime = self.runtime
+        if runtime.ndjson:
+            return runtime.line_end
+        if runtime.sse_pings:
+            return b"event: ping" + runtime.line_end + b"data: " + now_iso().encode() + runtime.line_end * 2
+        return b": keep-alive" + runtime.line_end * 2
 
     def write(self, data: bytes) -> None:
         """Send part of a streamed body: as a chunk, or as it is (an empty chunk ends a chunked body)."""
