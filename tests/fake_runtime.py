@@ -149,6 +149,7 @@ class FakeRuntime:
         self.after_inclusive = False  # True: ?after=T sends entries at T too; "alternate": each connection switches
         self.logs_never_end = False  # True: /logs stays open after the run has ended
         self.keep_alive = True  # False: /logs says nothing while the run is silent
+        self.keep_alive_every = 0.5  # seconds between two keep-alives
         self.log_framing = "chunked"  # "length": one answer with a Content-Length once the run has ended;
         # "close": no length, no chunks, the body ends when the connection closes
         self.millisecond_stamps = False  # True: createdAt in milliseconds, several entries may share one
@@ -587,7 +588,7 @@ class _ApiHandler(_Handler):
                         len(entries) > index
                         or (runtime.records[request_id].get("completedAt") and not runtime.logs_never_end)
                     ),
-                    0.5,
+                    runtime.keep_alive_every,
                 )
                 fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
             if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:

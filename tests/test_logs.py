@@ -698,10 +698,10 @@ def test_sse_events_of_another_type_are_not_entries():
 
 def test_ping_events_after_the_run_do_not_keep_the_stream_alive(monkeypatch):
     """Keep-alives sent as "event: ping" events came out as rawText entries and logs() never ended."""
-    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.3)
     monkeypatch.setattr(cw, "LOG_GRACE", 0.2)
     with FakeRuntime(ndjson=False) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
-        runtime.sse_pings, runtime.logs_never_end = True, True
+        runtime.sse_pings, runtime.logs_never_end, runtime.keep_alive_every = True, True, 0.05
         run = client.start("talk", {"lines": 3})
         outcome = []
         reader = threading.Thread(target=lambda: outcome.append(messages(run.logs())), daemon=True)
