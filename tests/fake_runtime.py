@@ -158,7 +158,7 @@ class FakeRuntime:
         self.sse_multiline = False  # True: each event's JSON is spread over several "data:" lines
         self.sse_resume = True  # False: Last-Event-ID is ignored, only ?after= counts
         self.sse_id_prefix = ""  # put before each SSE id: non-ASCII, or a space the client cannot send back
-        self.sse_pings = False  # True: SSE keep-alives are "event: ping" events, not comments
+        self.pings = False  # True: keep-alives are "event: ping" events, or NDJSON "ping" lines (not JSON)
         self.shuffle_ties = False  # True: reconnects list entries of equal createdAt in reverse order
         self.log_close_after: Optional[int] = None  # end each /logs answer cleanly after this many entries
         self.line_end = b"\n"  # or b"\r\n", b"\r"
@@ -616,8 +616,8 @@ class _ApiHandler(_Handler):
     def keep_alive(self) -> bytes:
         runtime = self.runtime
         if runtime.ndjson:
-            return runtime.line_end
-        if runtime.sse_pings:
+            return b"ping" + runtime.line_end if runtime.pings else runtime.line_end
+        if runtime.pings:
             return b"event: ping" + runtime.line_end + b"data: " + now_iso().encode() + runtime.line_end * 2
         return b": keep-alive" + runtime.line_end * 2
 

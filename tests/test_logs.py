@@ -696,18 +696,22 @@ def test_sse_events_of_another_type_are_not_entries():
     assert parse(body, "text/event-stream") == [{"n": 1}, {"n": 2}]
 
 
-def test_ping_events_after_the_run_do_not_keep_the_stream_alive(monkeypatch):
-    """Keep-alives sent as "event: ping" events came out as rawText entries and logs() never ended."""
+@pytest.mark.parametrize("ndjson", [False, True], ids=["sse-ping-events", "ndjson-ping-lines"])
+def test_pings_after_the_run_do_not_keep_the_stream_alive(monkeypatch, ndjson):
+    """Keep-alives sent as "event: ping" events came out as rawText entries, and each one, like a
+    "ping" line of NDJSON, counted as news: logs() never ended. Only an entry with a createdAt does."""
     monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.3)
     monkeypatch.setattr(cw, "LOG_GRACE", 0.2)
-    with FakeRuntime(ndjson=False) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
-        runtime.sse_pings, runtime.logs_never_end, runtime.keep_alive_every = True, True, 0.05
+    with FakeRuntime(ndjson=ndjson) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.pings, runtime.logs_never_end, runtime.keep_alive_every = True, True, 0.05
         run = client.start("talk", {"lines": 3})
         outcome = []
         reader = threading.Thread(target=lambda: outcome.append(messages(run.logs())), daemon=True)
         reader.start()
         reader.join(10)
-    assert outcome == [["line 0", "line 1", "line 2"]]
+    (delivered,) = outcome
+    lines = [m for m in delivered if m != "ping"]  # a line that is not JSON is still delivered
+    assert lines == ["line 0", "line 1", "line 2"] and (ndjson or len(delivered) == 3)
 
 
 @pytest.mark.parametrize("prefix, sent_back", [("évé-日本-", "évé-日本-3"), (" ", None)], ids=["utf-8", "space"])
