@@ -1209,7 +1209,7 @@ class _LogStream:
         self._closed = threading.Event()
         self._woken: Optional[threading.Event] = None  # what a call waiting on another thread waits on
         self._started = time.monotonic()
-        self._failures = 0  # failed connections in a row, with no entry between them
+        self._failures = 0  # failed connections in a row, with no entry with a createdAt between them
         self._retry: Optional[float] = None  # the server's SSE "retry:", which replaces the backoff
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
         self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
@@ -1257,9 +1257,8 @@ class _LogStream:
                 for line in _split_lines(_blocks(response)):
                     entry = parser.feed(line)
                     if entry is not None and position.is_new(entry, parser.event_id):
-                        self._failures = 0
-                        if isinstance(entry.get("createdAt"), str):
-                            quiet_since = time.monotonic()
+                        if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
+                            self._failures, quiet_since = 0, time.monotonic()
                         yield entry
                     if self._closed.is_set():
                         raise _Closed

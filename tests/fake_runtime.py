@@ -580,8 +580,6 @@ class _ApiHandler(_Handler):
         if self.opening():
             self.write(self.opening())
         while True:
-            if sent == runtime.log_close_after:  # a clean end while the run goes on
-                return self.chunk(b"") if runtime.log_framing == "chunked" else None
             with runtime.lock:
                 runtime.lock.wait_for(
                     lambda index=index: (  # type: ignore[misc]
@@ -593,6 +591,8 @@ class _ApiHandler(_Handler):
                 fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
             if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:
                 self.write(self.keep_alive())
+            if sent == runtime.log_close_after:  # a clean end while the run goes on
+                return self.chunk(b"") if runtime.log_framing == "chunked" else None
             listed = list(enumerate(fresh, index))
             if runtime.shuffle_ties and self.reconnect:  # ORDER BY createdAt, ties in another order
                 runs = itertools.groupby(listed, key=lambda pair: pair[1].get("createdAt"))

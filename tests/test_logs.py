@@ -749,9 +749,12 @@ def test_a_clean_close_while_the_run_goes_on_reconnects(runtime, client):
     assert len(runtime.calls_to("GET", "/logs/")) >= 4
 
 
-def test_a_server_that_closes_at_once_every_time_is_not_followed_forever(runtime, client, monkeypatch):
+@pytest.mark.parametrize("pings", [False, True], ids=["keep-alive", "ping-line"])
+def test_a_server_that_closes_at_once_every_time_is_not_followed_forever(runtime, client, monkeypatch, pings):
+    """A clean close that brought no entry with a createdAt counts as a failure: a "ping" line,
+    delivered as rawText, is no sign of progress (it reset the count, and the loop never ended)."""
     monkeypatch.setattr(cw, "LOG_RECONNECTS", 2)
-    runtime.log_close_after = 0
+    runtime.log_close_after, runtime.keep_alive_every, runtime.pings = 0, 0.05, pings
     run = client.start("sleep", {"seconds": 10})
     with pytest.raises(cw.APIConnectionError, match="closed the log stream while the run goes on"):
         list(run.logs())
