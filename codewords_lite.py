@@ -1277,7 +1277,8 @@ class _LogStream:
 
     def _open(self, position: _LogPosition) -> Optional[requests.Response]:
         """GET /logs from where delivery stands; None after waiting out a 404 while the run goes on."""
-        query = "?after=" + quote(position.after, safe="") if position.after else ""
+        # A timestamp may hold a lone surrogate (a JSON "\ud800"): it goes back as the server wrote it.
+        query = "?after=" + quote(position.after, safe="", errors="surrogatepass") if position.after else ""
         headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         last_event_id = _header_value(position.event_id)
         if last_event_id:

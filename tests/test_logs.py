@@ -691,6 +691,27 @@ def test_close_returns_the_iterator_at_once_in_every_state(runtime, client, monk
     assert outcome == [[]] and time.monotonic() - started < 1.0
 
 
+def test_a_timestamp_that_is_not_valid_unicode_is_sent_back_on_a_reconnect():
+    """A createdAt with a lone surrogate (JSON "\\ud800") made the reconnect raise UnicodeEncodeError."""
+    ndjson = "application/x-ndjson"
+    with responses.RequestsMock() as mock:
+        logs, record = "https://runtime.example/logs/req_1", "https://runtime.example/request/req_1"
+        mock.get(
+            logs,
+            body=b'{"createdAt": "1\\ud800", "message": "a"}\n{"createdAt": "2", "message": "b"}\n',
+            content_type=ndjson,
+        )
+        mock.get(
+            logs, body=b'{"createdAt": "2", "message": "b"}\n{"createdAt": "3", "message": "c"}\n', content_type=ndjson
+        )
+        mock.get(record, json={"id": "req_1"})  # the run goes on after the first answer
+        mock.get(record, json={"id": "req_1", "completedAt": "t"})
+        client = cw.Client("cwk-test", base_url="https://runtime.example")
+        assert messages(client.logs("req_1")) == ["a", "b", "c"]
+        again = [c.request.url for c in mock.calls if "/logs/" in c.request.url][1]
+    assert again.endswith("?after=1%ED%A0%80")
+
+
 def test_sse_events_of_another_type_are_not_entries():
     body = b'event: ping\ndata: 2026-11-28 10:00:00\n\nevent: log\ndata: {"n": 1}\n\nevent: message\ndata: {"n": 2}\n\n'
     assert parse(body, "text/event-stream") == [{"n": 1}, {"n": 2}]
