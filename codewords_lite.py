@@ -1209,6 +1209,7 @@ class _LogStream:
         self._closed = threading.Event()
         self._woken: Optional[threading.Event] = None  # what a call waiting on another thread waits on
         self._started = time.monotonic()
+        self._quiet_since = self._started  # when the last entry with a createdAt came, on any connection
         self._failures = 0  # failed connections in a row, with no entry with a createdAt between them
         self._retry: Optional[float] = None  # the server's SSE "retry:", which replaces the backoff
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
@@ -1251,18 +1252,17 @@ class _LogStream:
         if response is None:
             return False
         parser = _LogParser(response.headers.get("Content-Type", ""))
-        quiet_since = time.monotonic()  # when the last entry with a timestamp came
         try:
             with response:
                 for line in _split_lines(_blocks(response)):
                     entry = parser.feed(line)
                     if entry is not None and position.is_new(entry, parser.event_id):
                         if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
-                            self._failures, quiet_since = 0, time.monotonic()
+                            self._failures, self._quiet_since = 0, time.monotonic()
                         yield entry
                     if self._closed.is_set():
                         raise _Closed
-                    if self._drained(quiet_since):
+                    if self._drained():
                         return True
         except urllib3.exceptions.ReadTimeoutError:
             self._check_closed()
@@ -1310,12 +1310,12 @@ class _LogStream:
             _interrupt(response)
         return response
 
-    def _drained(self, quiet_since: float) -> bool:
+    def _drained(self) -> bool:
         """Whether a stream that sends no entries with a timestamp, only keep-alives of any kind,
         should end: the run has ended (asked once per LOG_READ_TIMEOUT of quiet) and LOG_GRACE
         has passed since."""
         now = time.monotonic()
-        if self._ends_at is None and now - quiet_since >= LOG_READ_TIMEOUT and now >= self._next_check:
+        if self._ends_at is None and now - self._quiet_since >= LOG_READ_TIMEOUT and now >= self._next_check:
             self._next_check = now + LOG_READ_TIMEOUT
             if self._run_has_ended():
                 self._ends_at = now + LOG_GRACE

@@ -150,6 +150,7 @@ class FakeRuntime:
         self.logs_never_end = False  # True: /logs stays open after the run has ended
         self.keep_alive = True  # False: /logs says nothing while the run is silent
         self.keep_alive_every = 0.5  # seconds between two keep-alives
+        self.drop_after_keep_alives: Optional[int] = None  # drop each /logs answer after this many keep-alives
         self.log_framing = "chunked"  # "length": one answer with a Content-Length once the run has ended;
         # "close": no length, no chunks, the body ends when the connection closes
         self.millisecond_stamps = False  # True: createdAt in milliseconds, several entries may share one
@@ -576,7 +577,7 @@ class _ApiHandler(_Handler):
     def stream_entries(self, request_id: str, index: int, fault: Optional[Fault]) -> None:
         runtime = self.runtime
         entries = runtime.log_entries[request_id]
-        sent = 0
+        sent = keep_alives = 0
         if self.opening():
             self.write(self.opening())
         while True:
@@ -591,6 +592,9 @@ class _ApiHandler(_Handler):
                 fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
             if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:
                 self.write(self.keep_alive())
+                keep_alives += 1
+                if keep_alives == runtime.drop_after_keep_alives:
+                    return self.drop()
             if sent == runtime.log_close_after:  # a clean end while the run goes on
                 return self.chunk(b"") if runtime.log_framing == "chunked" else None
             listed = list(enumerate(fresh, index))

@@ -735,6 +735,24 @@ def test_pings_after_the_run_do_not_keep_the_stream_alive(monkeypatch, ndjson):
     assert lines == ["line 0", "line 1", "line 2"] and (ndjson or len(delivered) == 3)
 
 
+def test_pings_on_connections_that_keep_dropping_do_not_keep_the_stream_alive(monkeypatch):
+    """The time without news restarted with each connection: pings on connections dropped more
+    often than the read timeout kept logs() going long after the run had ended."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(cw, "LOG_GRACE", 0.1)
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 1000)
+    with FakeRuntime(ndjson=False) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.pings, runtime.logs_never_end, runtime.keep_alive_every = True, True, 0.05
+        runtime.drop_after_keep_alives = 3
+        run = client.start("talk", {"lines": 3})
+        run.wait()
+        outcome = []
+        reader = threading.Thread(target=lambda: outcome.append(messages(run.logs())), daemon=True)
+        reader.start()
+        reader.join(10)
+    assert outcome == [["line 0", "line 1", "line 2"]]
+
+
 @pytest.mark.parametrize("prefix, sent_back", [("évé-日本-", "évé-日本-3"), (" ", None)], ids=["utf-8", "space"])
 def test_sse_ids_that_cannot_go_into_a_header_as_they_are(prefix, sent_back):
     """A non-ASCII id raised UnicodeEncodeError, and an id with a leading space ("id:  7") made
