@@ -125,7 +125,12 @@ def test_no_echoed_key_on_the_command_line(echo, status):
     _Echo.status, _Echo.shape = status, "cut"
     env = dict(os.environ, CODEWORDS_API_KEY=KEY, CODEWORDS_BASE_URL=f"http://127.0.0.1:{echo.server_address[1]}")
     commands = [["run", "svc"], ["run", "svc", "--fallback", "off"], ["start", "svc"], ["details", "req_1"]]
-    for command in [*commands, ["logs", "req_1"], ["result", "req_1", "--logs", "--timeout", "2"], ["upload", __file__]]:
+    for command in [
+        *commands,
+        ["logs", "req_1"],
+        ["result", "req_1", "--logs", "--timeout", "2"],
+        ["upload", __file__],
+    ]:
         result = subprocess.run(
             [sys.executable, "-m", "codewords_lite", *command, "--debug"],
             cwd=ROOT,
