@@ -88,6 +88,7 @@ def test_no_echoed_key_in_any_exception_or_log_record(echo, shape, caplog, monke
     """Regression: only _status_error masked the key, after its 500-character cut; the answers to
     /provision-request, /run_async, /result and /file, `exc.body` and the provision warning leaked it."""
     monkeypatch.setattr(cw, "LOG_NOT_FOUND_GRACE", 0.0)
+    monkeypatch.setattr(cw, "LOG_BACKOFF", (0.01, 0.02))  # a log stream's failed reopens count toward giving up
     caplog.set_level(logging.DEBUG)
     _Echo.shape = shape
     url = f"http://127.0.0.1:{echo.server_address[1]}"
