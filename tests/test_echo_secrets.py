@@ -120,6 +120,10 @@ def test_no_echoed_key_in_any_exception_or_log_record(echo, shape, caplog, monke
     assert [text for text in texts if PREFIX in text] == []
 
 
+# The command line, its log streams backing off in milliseconds (the echo never ends a run).
+CLI_WITH_QUICK_LOG_BACKOFF = "import sys, codewords_lite as cw; cw.LOG_BACKOFF = (0.01, 0.02); sys.exit(cw.main())"
+
+
 @pytest.mark.parametrize("status", [200, 422])
 def test_no_echoed_key_on_the_command_line(echo, status):
     """The command line's one-line message and its --debug traceback and log, against the echo."""
@@ -133,7 +137,7 @@ def test_no_echoed_key_on_the_command_line(echo, status):
         ["upload", __file__],
     ]:
         result = subprocess.run(
-            [sys.executable, "-m", "codewords_lite", *command, "--debug"],
+            [sys.executable, "-c", CLI_WITH_QUICK_LOG_BACKOFF, *command, "--debug"],
             cwd=ROOT,
             env=env,
             capture_output=True,
