@@ -78,7 +78,7 @@ logger = logging.getLogger("codewords_lite")
 
 DEFAULT_BASE_URL = "https://runtime.codewords.ai"
 API_KEY_ENV = "CODEWORDS_API_KEY"
-BASE_URL_ENVS = ("CODEWORDS_BASE_URL", "CODEWORDS_RUNTIME_URI")
+BASE_URL_ENVS = ("CODEWORDS_BASE_URL", "CODEWORDS_RUNTIME_URI", "RUNTIME_URI")  # first set wins
 USER_AGENT = "codewords-lite/" + __version__
 
 ONE_TIME_KEY_PREFIX = "cwotk-"  # such a key is spent by the first request that carries it
@@ -391,7 +391,7 @@ class Client:
                 record = self._wait_for_record(started.request_id, deadline, on_log)
                 return _output(record, started.request_id)
             raise
-        return _decode(response.content)
+        return _output_of(response)
 
     def start(self, service_id: str, inputs: Optional[Mapping[str, Any]] = None, *, path: str = "") -> Run:
         """Start a workflow in the background (POST /run_async) and return its Run."""
@@ -830,6 +830,9 @@ class Client:
 # ---------------------------------------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
+_OUTPUT_FIELDS = ("responseStatus", "responseJson", "responseContent")  # a finished record has one
+_CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
+_PATH_SAFE = "!$&'()*+,;=:@"  # kept as they are in a path segment (RFC 3986 pchar); all else is encoded
 _KEY = re.compile(r"[\x21-\x7e]+\Z")
 _ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
 _BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -883,29 +886,33 @@ def _check_fallback(fallback: Any) -> Optional[str]:
 
 
 def _check_name(what: str, name: Any) -> str:
-    """A service id, path segment or request id: letters, digits, '_', '-' and '.'."""
+    """A service id or request id: letters, digits, '_', '-' and '.'."""
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
         raise ConfigurationError(f"bad {what} {name!r}: use letters, digits, '_', '-' and '.'")
     return name
 
 
 def _service_path(kind: str, service_id: str, path: str) -> str:
-    """``/run/{service_id}[/{path}]`` (or run_async), with every part checked."""
+    """``/run/{service_id}[/{path}]`` (or run_async): a checked service id, and each segment of
+    the path percent-encoded, so that any characters arrive as given (``a b``, ``items:batch``)."""
     url_path = f"/{kind}/{_check_name('service id', service_id)}"
     if not isinstance(path, str):
         raise ConfigurationError(f"bad path {path!r}: want a string such as 'reports/daily'")
     if path.strip("/"):
         for segment in path.strip("/").split("/"):
-            url_path += "/" + _check_name("path segment", segment)
+            if segment in ("", ".", ".."):
+                raise ConfigurationError(f"bad path {path!r}: a segment is empty, '.' or '..'")
+            try:
+                url_path += "/" + quote(segment, safe=_PATH_SAFE)
+            except UnicodeEncodeError:
+                raise ConfigurationError(f"bad path {path!r}: it is not valid Unicode") from None
     return url_path
 
 
-def _encode_inputs(inputs: Optional[Mapping[str, Any]]) -> bytes:
-    """The request body: the inputs as compact UTF-8 JSON (``{}`` for None)."""
+def _encode_inputs(inputs: Any) -> bytes:
+    """The request body: the inputs, any JSON value, as compact UTF-8 JSON (``{}`` for None)."""
     if inputs is None:
         return b"{}"
-    if not isinstance(inputs, Mapping):
-        raise TypeError(f"inputs must be a mapping of input names to values, not {type(inputs).__name__}")
     try:
         return json.dumps(inputs, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -920,6 +927,37 @@ def _decode(content: Union[bytes, str]) -> Any:
         return json.loads(content)
     except ValueError:
         return content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+
+
+def _output_of(response: requests.Response) -> Any:
+    """A workflow's answer as its Content-Type says: JSON decoded, ``text/*`` as str in its
+    charset (UTF-8 if it names none), anything else as bytes; with no type, JSON if it parses,
+    else bytes. An empty body is None."""
+    content = response.content
+    if not content:
+        return None
+    media_type, _, parameters = response.headers.get("Content-Type", "").partition(";")
+    media_type = media_type.strip().lower()
+    charset = _CHARSET.search(parameters)
+    encoding = charset.group(1) if charset else "utf-8"
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return _decode(_decoded_text(content, encoding) if charset else content)
+    if media_type.startswith("text/"):
+        return _decoded_text(content, encoding)
+    if not media_type:
+        try:
+            return json.loads(content)
+        except ValueError:
+            pass
+    return content
+
+
+def _decoded_text(content: bytes, encoding: str) -> str:
+    """Bytes as text in the named encoding, or in UTF-8 if Python does not know that name."""
+    try:
+        return content.decode(encoding, "replace")
+    except LookupError:
+        return content.decode("utf-8", "replace")
 
 
 def _describe(detail: Any) -> str:
@@ -975,6 +1013,13 @@ def _record_in(response: requests.Response, request_id: str) -> Dict[str, Any]:
 
 def _output(record: Dict[str, Any], request_id: str) -> Any:
     """A finished run's output, or RunFailed if the workflow answered with an error status."""
+    if all(record.get(field) is None for field in _OUTPUT_FIELDS):
+        raise APIStatusError(
+            f"the record of run {request_id} has none of {', '.join(_OUTPUT_FIELDS)}:"
+            f" its fields are {', '.join(map(str, record)) or 'none'}",
+            body=record,
+            request_id=request_id,
+        )
     status = record.get("responseStatus")
     if isinstance(status, str) and status.isdigit():
         status = int(status)
