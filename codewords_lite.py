@@ -1505,9 +1505,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEADLINE, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 
 _CLI_EPILOG = f"""\
 The API key comes from ${API_KEY_ENV} only: a key on the command line would leak into the
-shell history and `ps`. Standard output holds only the result, as JSON; everything else goes
-to standard error. INPUTS is a JSON object, @file.json, or - for standard input; -i key=value
-adds a field, its value taken as JSON when it parses (n=3, ok=true), else as a string.
+shell history and `ps`. Standard output holds only the result, as JSON (bytes, such as an
+image, as they came); everything else goes to standard error. INPUTS is JSON, @file.json, or -
+for standard input; -i key=value adds a field to an object, its value taken as JSON when it
+parses (n=3, ok=true), else as a string.
 
 exit codes:
   {EXIT_OK}    success
@@ -1546,7 +1547,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         code, message = _cli_failure(error)
         print(f"codewords-lite: {message}", file=sys.stderr)
         return code
-    if output is not _NO_OUTPUT:
+    if isinstance(output, bytes):  # an image, a PDF: as it came, for `> file.png`
+        sys.stdout.flush()
+        sys.stdout.buffer.write(output)
+        sys.stdout.buffer.flush()
+    elif output is not _NO_OUTPUT:
         layout: Dict[str, Any] = {"indent": 2} if sys.stdout.isatty() else {"separators": (",", ":")}
         print(json.dumps(output, ensure_ascii=False, **layout))
     return EXIT_OK
@@ -1590,7 +1595,7 @@ def _cli_parser(argparse: Any) -> Any:
 
     def inputs_arguments(sub: Any) -> None:
         sub.add_argument("service_id", metavar="SERVICE_ID")
-        sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="a JSON object, @file.json, or - for stdin")
+        sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="JSON, @file.json, or - for stdin")
         sub.add_argument("-i", dest="fields", metavar="KEY=VALUE", action="append", default=[], help="an input field")
         sub.add_argument("--path", default="", help="a path after the service id")
 
@@ -1674,7 +1679,7 @@ def _cli_upload(client: Client, args: Any, status: "_Status") -> Any:
     return _NO_OUTPUT
 
 
-def _cli_inputs(args: Any) -> Dict[str, Any]:
+def _cli_inputs(args: Any) -> Any:
     """INPUTS (JSON, @file or - for stdin) with the -i fields on top."""
     import sys
 
@@ -1691,12 +1696,12 @@ def _cli_inputs(args: Any) -> Dict[str, Any]:
             inputs = json.loads(text)
         except ValueError as exc:
             raise _UsageError(f"INPUTS is not valid JSON: {exc}") from None
-        if not isinstance(inputs, dict):
-            raise _UsageError(f"INPUTS must be a JSON object, not {type(inputs).__name__}")
+    if args.fields and not isinstance(inputs, dict):
+        raise _UsageError(f"-i adds a field to a JSON object, and INPUTS is a {type(inputs).__name__}")
     for field in args.fields:
         key, value = _parse_field(field)
         inputs[key] = value
-    return inputs  # type: ignore[no-any-return]
+    return inputs
 
 
 def _parse_field(field: str) -> Tuple[str, Any]:

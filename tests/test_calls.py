@@ -2,6 +2,11 @@
 inputs of any JSON value, and records of an unexpected shape. Wire format with `responses`,
 behaviour against the emulator; the same against real FastAPI workflows is in test_workflows.py."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import responses
 
@@ -9,6 +14,7 @@ import codewords_lite as cw
 
 BASE = "https://runtime.example"
 KEY = "cwk-calls-test-key"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x80"  # not UTF-8: a str would have lost bytes
 
 
@@ -191,3 +197,27 @@ def test_a_record_found_done_by_done_is_checked_too(api, lean):
     assert run.done()
     with pytest.raises(cw.APIStatusError, match="its fields are id, completedAt"):
         run.wait()
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def run_cli(runtime, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEWORDS_")}
+    env.update(CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url)
+    return subprocess.run(
+        [sys.executable, "-m", "codewords_lite", *args], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+
+
+def test_the_command_line_writes_bytes_as_they_came(runtime):
+    """`codewords-lite run` of a workflow that answers an image printed a traceback (bytes are not
+    JSON): they go to standard output as they came, for `> image.png`."""
+    result = run_cli(runtime, "run", "echo-bytes", json.dumps({"hex": PNG.hex()}))
+    assert result.returncode == 0 and result.stderr == b""
+    assert result.stdout == PNG
+
+
+def test_the_command_line_takes_inputs_of_any_json_value(runtime):
+    result = run_cli(runtime, "run", "echo", "[1, 2]")
+    assert result.returncode == 0 and result.stdout == b"[1,2]\n"
