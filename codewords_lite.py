@@ -953,10 +953,10 @@ def _output_of(response: requests.Response) -> Any:
 
 
 def _decoded_text(content: bytes, encoding: str) -> str:
-    """Bytes as text in the named encoding, or in UTF-8 if Python does not know that name."""
+    """Bytes as text in the named encoding, or in UTF-8 if Python has no such text encoding."""
     try:
         return content.decode(encoding, "replace")
-    except LookupError:
+    except (LookupError, ValueError):  # no such codec, not a text codec, or a name with a NUL in it
         return content.decode("utf-8", "replace")
 
 

@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import requests
 import responses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import codewords_lite as cw
 
@@ -80,6 +83,33 @@ def test_an_empty_answer_is_none_whatever_its_type(api, lean, content_type):
 def test_binary_output_from_the_emulator_is_the_bytes(runtime, client):
     runtime_png = client.run("echo-bytes", {"hex": PNG.hex()})
     assert runtime_png == PNG
+
+
+def answer_of(body: bytes, content_type) -> requests.Response:
+    answer = requests.Response()
+    answer.status_code, answer._content = 200, body
+    if content_type is not None:
+        answer.headers["Content-Type"] = content_type
+    return answer
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.binary(max_size=64),
+    st.none()
+    | st.sampled_from(["application/json", "text/plain", "image/png", "application/x+json", ""])
+    | st.text(max_size=40).map(lambda charset: "text/plain; charset=" + charset),
+)
+def test_any_answer_of_any_type_decodes_to_a_value(body, content_type):
+    """Whatever the body and the Content-Type (a charset no codec has, or garbage), the answer is
+    a value of the type its Content-Type promises: never an exception."""
+    output = cw._output_of(answer_of(body, content_type))
+    if not body:
+        assert output is None
+    elif content_type and content_type.startswith("text/"):
+        assert isinstance(output, str)
+    elif content_type == "image/png":
+        assert output == body
 
 
 # -- 2. path segments of any characters ---------------------------------------------------------
