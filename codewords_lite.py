@@ -28,8 +28,9 @@ Every failure of the service or the network is a ``CodewordsError``; bad argumen
     └── RunTimeout(CodewordsError, TimeoutError)          a deadline passed; .request_id
 """
 
+from __future__ import annotations  # annotations stay unevaluated: a cheaper import
+
 import collections.abc
-import concurrent.futures
 import contextlib
 import datetime
 import email.utils
@@ -204,7 +205,7 @@ class RunTimeout(CodewordsError, TimeoutError):
 class Run:
     """A run on the server, known by its request id: wait for it or check on it."""
 
-    def __init__(self, client: "Client", request_id: str) -> None:
+    def __init__(self, client: Client, request_id: str) -> None:
         self.request_id = request_id
         self.record: Optional[Dict[str, Any]] = None  # the request record, once finished
         self._client = client
@@ -295,7 +296,7 @@ class Client:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -449,6 +450,8 @@ class Client:
         on_progress: Optional[Callable[[int, Optional[int]], Any]],
         total: Optional[int],
     ) -> Iterator[Any]:
+        import concurrent.futures  # map() alone needs it, and it would cost more than the rest of the import
+
         items = enumerate(inputs)
         window = 2 * max_workers  # runs in flight, queued, or finished and waiting for their turn
         pending: Dict[concurrent.futures.Future[Any], int] = {}
@@ -547,7 +550,7 @@ class Client:
 
     def upload(
         self,
-        source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]],
+        source: Union[str, os.PathLike[str], bytes, bytearray, memoryview, IO[bytes]],
         *,
         filename: Optional[str] = None,
         content_type: Optional[str] = None,
@@ -577,7 +580,7 @@ class Client:
             self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers)
         return download_uri
 
-    def _put(self, url: str, body: "_UploadBody", headers: Dict[str, str]) -> None:
+    def _put(self, url: str, body: _UploadBody, headers: Dict[str, str]) -> None:
         """PUT the body to the storage host, rewinding and retrying it on 5xx or a dropped connection.
 
         A session of its own carries none of the API's headers, cookies or credentials.
@@ -1194,7 +1197,7 @@ class _LogStream:
         self._closed = False
         self._entries = self._follow()
 
-    def __iter__(self) -> "_LogStream":
+    def __iter__(self) -> _LogStream:
         return self
 
     def __next__(self) -> LogEntry:
@@ -1626,7 +1629,7 @@ def _cli_parser(argparse: Any) -> Any:
     return parser
 
 
-def _cli_run(client: Client, args: Any, status: "_Status") -> Any:
+def _cli_run(client: Client, args: Any, status: _Status) -> Any:
     inputs = _cli_inputs(args)
     _service_path("run", args.service_id, args.path)  # bad names fail before the provision
     fallback = None if args.fallback == "off" else args.fallback
@@ -1645,19 +1648,19 @@ def _cli_run(client: Client, args: Any, status: "_Status") -> Any:
         )
 
 
-def _cli_start(client: Client, args: Any, status: "_Status") -> Any:
+def _cli_start(client: Client, args: Any, status: _Status) -> Any:
     print(client.start(args.service_id, _cli_inputs(args), path=args.path).request_id)
     return _NO_OUTPUT
 
 
-def _cli_result(client: Client, args: Any, status: "_Status") -> Any:
+def _cli_result(client: Client, args: Any, status: _Status) -> Any:
     run = client.get_run(args.request_id)
     status.request_id = run.request_id
     with status.showing(status.wait_line()):
         return run.wait(timeout=args.timeout, on_log=status.log_printer(args.logs))
 
 
-def _cli_logs(client: Client, args: Any, status: "_Status") -> Any:
+def _cli_logs(client: Client, args: Any, status: _Status) -> Any:
     import sys
 
     status.request_id = args.request_id
@@ -1667,11 +1670,11 @@ def _cli_logs(client: Client, args: Any, status: "_Status") -> Any:
     return _NO_OUTPUT
 
 
-def _cli_details(client: Client, args: Any, status: "_Status") -> Any:
+def _cli_details(client: Client, args: Any, status: _Status) -> Any:
     return client.details(args.request_id)
 
 
-def _cli_upload(client: Client, args: Any, status: "_Status") -> Any:
+def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
     describe, on_progress = _upload_line()
     with status.showing(describe):
         url = client.upload(args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress)

@@ -1,0 +1,246 @@
+# Generated from codewords_lite.py by tools/make_stubs.py: do not edit, run it again.
+import logging
+import os
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+
+import requests
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "Client",
+    "CodewordsError",
+    "ConfigurationError",
+    "GatewayTimeout",
+    "NotFoundError",
+    "RateLimitError",
+    "Run",
+    "RunFailed",
+    "RunTimeout",
+    "ServerError",
+]
+
+__version__: str
+logger: logging.Logger
+DEFAULT_BASE_URL: str
+API_KEY_ENV: str
+BASE_URL_ENVS: tuple[str, str]
+USER_AGENT: str
+ONE_TIME_KEY_PREFIX: str
+PROVISION_HEADER: str
+FALLBACKS: tuple[str, str, None]
+QUICK_READ_TIMEOUT: float
+LONG_POLL_MAX: int
+LONG_POLL_MARGIN: float
+HELD_POLL_MIN: float
+POLL_BACKOFF: tuple[float, float]
+RETRY_BACKOFF: tuple[float, float]
+RETRY_AFTER_MAX: float
+LOG_READ_TIMEOUT: float
+LOG_BACKOFF: tuple[float, float]
+LOG_RECONNECTS: int
+LOG_NOT_FOUND_GRACE: float
+LOG_GRACE: float
+LOG_LINE_MAX: int
+UPLOAD_BLOCK: int
+UPLOAD_READ_TIMEOUT: float
+PROGRESS_INTERVAL: float
+LogEntry = dict[str, Any]
+
+class CodewordsError(Exception):
+    """Base class of every error raised by codewords_lite."""
+
+    request_id: str | None
+    def __init__(self, message: str = "", *, request_id: str | None = None) -> None: ...
+
+class ConfigurationError(CodewordsError, ValueError):
+    """A missing API key, or a bad base URL, service id, path or request id."""
+
+class APIConnectionError(CodewordsError):
+    """The network failed, and the retries that were safe to make ran out."""
+
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """The server took longer to connect or answer than the client allowed."""
+
+class APIStatusError(CodewordsError):
+    """The API answered with an HTTP error; ``detail`` is the server's own message."""
+
+    status_code: int
+    detail: Any
+    body: Any
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        status_code: int = 0,
+        detail: Any = None,
+        body: Any = None,
+        request_id: str | None = None,
+    ) -> None: ...
+
+class AuthenticationError(APIStatusError):
+    """401 or 403: the key is missing, wrong, spent or not allowed to do this."""
+
+class NotFoundError(APIStatusError):
+    """404: no such service, path or request."""
+
+class RateLimitError(APIStatusError):
+    """429: too many requests; ``retry_after`` is the server's wish in seconds, if it said."""
+
+    retry_after: float | None
+
+class ServerError(APIStatusError):
+    """5xx from the runtime, the gateway or the workflow itself."""
+
+class GatewayTimeout(ServerError):
+    """504 from the gateway on a blocking run that could not be resumed."""
+
+class RunFailed(CodewordsError):
+    """The workflow finished with a status of 400 or more; ``record`` is the request record."""
+
+    record: dict[str, Any] | None
+    status_code: int
+    detail: Any
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        request_id: str | None = None,
+        record: dict[str, Any] | None = None,
+        status_code: int = 0,
+        detail: Any = None,
+    ) -> None: ...
+
+class RunTimeout(CodewordsError, TimeoutError):
+    """A deadline passed; the run may go on, and ``client.get_run(request_id)`` finds it."""
+
+class Run:
+    """A run on the server, known by its request id: wait for it or check on it."""
+
+    request_id: str
+    record: dict[str, Any] | None
+    def __init__(self, client: Client, request_id: str) -> None: ...
+    def wait(self, timeout: float | None = None, on_log: Callable[[LogEntry], Any] | None = None) -> Any:
+        """Wait for the run to finish and return its output; raise RunFailed if it failed.
+
+        ``on_log`` is called with each log entry as the run writes it, from another thread.
+        """
+    def logs(self) -> Iterator[LogEntry]:
+        """The run's log entries as they come, until it ends: see ``Client.logs``."""
+    def done(self) -> bool:
+        """Whether the run has finished, asked of the server without waiting."""
+
+class Client:
+    """A connection to the CodeWords runtime; safe to share between threads.
+
+    The API key is read when first needed, so making a client never fails for a missing key.
+    With a one-time key (``cwotk-``) every call sends exactly one request: no retries, no
+    provisioned id and no fallback, since the first request spends the key.
+    """
+
+    base_url: str
+    timeout: float
+    sync_timeout: float
+    connect_timeout: float
+    max_retries: int
+    fallback: str | None
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeout: float = 600.0,
+        sync_timeout: float = 125.0,
+        connect_timeout: float = 10.0,
+        max_retries: int = 3,
+        fallback: str | None = "resume",
+        session: requests.Session | None = None,
+    ) -> None: ...
+    def __enter__(self) -> Client: ...
+    def __exit__(self, *exc_info: Any) -> None: ...
+    def close(self) -> None:
+        """Close the connections this client opened (not those of a session it was given)."""
+    def run(
+        self,
+        service_id: str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        path: str = "",
+        timeout: float | None = None,
+        fallback: str | None = ...,
+        on_log: Callable[[LogEntry], Any] | None = None,
+        request_id: str | None = None,
+    ) -> Any:
+        """Run a workflow, wait for it and return its output (decoded JSON, text or None).
+
+        If the gateway gives up (504) or the call outlives ``sync_timeout``, ``fallback``
+        decides: "resume" waits for the same run by its provisioned id, "rerun" starts the
+        inputs again with run_async (the first run may still be going: it can run twice),
+        None raises GatewayTimeout or APITimeoutError. ``on_log`` is called with each log
+        entry while the run goes on, from another thread. ``request_id``, from
+        ``provision()``, names the run in advance, so that it can be found even if this
+        process dies while it waits.
+        """
+    def start(self, service_id: str, inputs: Mapping[str, Any] | None = None, *, path: str = "") -> Run:
+        """Start a workflow in the background (POST /run_async) and return its Run."""
+    def provision(self) -> str:
+        """A new request id, for ``run(request_id=...)``: the run can then be found by it."""
+    def map(
+        self,
+        service_id: str,
+        inputs: Iterable[Mapping[str, Any] | None],
+        *,
+        max_workers: int = 8,
+        ordered: bool = True,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        on_progress: Callable[[int, int | None], Any] | None = None,
+        path: str = "",
+        fallback: str | None = ...,
+    ) -> Iterator[Any]:
+        """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
+
+        Like ``Executor.map``, outputs come in the order of the inputs, while later ones still
+        run, and inputs are read only as workers free up. ``ordered=False`` yields
+        ``(index, output)`` pairs as runs finish. The first failure stops the map and is raised
+        (after the outputs before it), unless ``return_exceptions`` puts it in place of its
+        output. Each item is a ``run()`` with its fallback and ``timeout``; ``on_progress(done,
+        total)`` is called as runs finish (total is None when ``inputs`` has no length).
+        """
+    def get_run(self, request_id: str) -> Run:
+        """The Run of a request id, to wait for a run started elsewhere or earlier."""
+    def result(self, request_id: str, timeout: float | None = None) -> Any:
+        """Wait for the run with this request id and return its output."""
+    def details(self, request_id: str) -> dict[str, Any]:
+        """The request record as it stands now, with timings and cost (GET /request/{id})."""
+    def logs(self, request_id: str) -> Iterator[LogEntry]:
+        """Yield a run\'s log entries as it writes them, each once and in order, until it ends.
+
+        A dropped or silent stream is reconnected from the last entry seen. A line that is not
+        JSON comes as ``{"rawText": line}``. Call ``.close()`` on the iterator to stop early.
+        """
+    def upload(
+        self,
+        source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
+        *,
+        filename: str | None = None,
+        content_type: str | None = None,
+        on_progress: Callable[[int, int], Any] | None = None,
+    ) -> str:
+        """Upload a file, bytes or a binary file object, and return its download URL.
+
+        The bytes are streamed with a Content-Length, never read into memory whole, and go to
+        the storage host with no API key. ``on_progress(sent, total)`` is called a few times a
+        second; an exception raised in it stops the upload.
+        """
+
+EXIT_OK: int
+EXIT_FAILED: int
+EXIT_USAGE: int
+EXIT_DEADLINE: int
+EXIT_INTERRUPTED: int
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``codewords-lite`` command: run workflows from shell scripts, cron jobs and CI."""

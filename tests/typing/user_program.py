@@ -1,0 +1,73 @@
+"""A user's program, type-checked against the installed wheel by .ci/run, never run.
+
+It checks that the types reach a user: the correct calls must pass ``mypy --strict``, and each
+wrong call must be caught, which ``--warn-unused-ignores`` (mypy) and
+``reportUnnecessaryTypeIgnoreComment`` (pyright) turn into an error the day a type goes missing
+or becomes ``Any``. The stub is tools/make_stubs.py's; this file is what users write.
+"""
+
+import io
+from typing import Any, Dict, Iterator, List, Optional
+
+from typing_extensions import assert_type
+
+import codewords_lite as cw
+
+
+def correct_calls(client: cw.Client) -> None:
+    output = client.run("my-service", {"name": "Ada"}, timeout=30, fallback="rerun", on_log=print)
+    run = client.start("slow-service", {"rows": 10_000}, path="/rows")
+    assert_type(run, cw.Run)
+    assert_type(run.request_id, str)
+    output = run.wait(timeout=1800, on_log=lambda entry: print(entry.get("message")))
+    assert_type(run.done(), bool)
+    outputs = client.map("echo", [{"i": i} for i in range(10)], max_workers=4, on_progress=lambda done, total: None)
+    assert_type(outputs, Iterator[Any])
+    assert_type(client.upload("data.csv", content_type="text/csv"), str)
+    assert_type(client.upload(io.BytesIO(b"abc"), filename="abc.bin"), str)
+    assert_type(client.upload(b"raw bytes", on_progress=lambda sent, total: None), str)
+    assert_type(client.details(run.request_id), Dict[str, Any])
+    assert_type(client.provision(), str)
+    print(output, cw.__version__)
+
+
+def exceptions(client: cw.Client) -> List[Any]:
+    seen: List[Any] = []
+    try:
+        client.run("my-service")
+    except cw.RateLimitError as exc:
+        assert_type(exc.retry_after, Optional[float])
+        seen.append(exc.retry_after)
+    except cw.APIStatusError as exc:
+        assert_type(exc.status_code, int)
+        assert_type(exc.request_id, Optional[str])
+        seen += [exc.status_code, exc.detail, exc.body]
+    except cw.RunFailed as exc:
+        assert_type(exc.record, Optional[Dict[str, Any]])
+        seen += [exc.record, exc.detail]
+    except cw.RunTimeout as exc:
+        assert_type(exc.request_id, Optional[str])
+        seen.append(client.get_run(exc.request_id or "").wait())
+    except (cw.APITimeoutError, cw.APIConnectionError, cw.ConfigurationError) as exc:
+        seen.append(str(exc))
+    except cw.CodewordsError as exc:
+        seen.append(exc)
+    return seen
+
+
+def wrong_calls(client: cw.Client) -> None:
+    client.run(42, {"name": "Ada"})  # type: ignore[arg-type]
+    client.run("my-service", {"name": "Ada"}, timout=30)  # type: ignore[call-arg]
+    client.start("my-service", ["not", "a", "mapping"])  # type: ignore[arg-type]
+    client.start("slow-service").wait(timeout="soon")  # type: ignore[arg-type]
+    client.map("echo", [{}], max_worker=4)  # type: ignore[call-arg]
+    client.upload(12345)  # type: ignore[arg-type]
+    cw.Client(api_key=b"bytes")  # type: ignore[arg-type]
+    print(cw.APIStatusError("boom").status)  # type: ignore[attr-defined]
+    cw.Client().runn("my-service")  # type: ignore[attr-defined]
+
+
+with cw.Client() as client:
+    correct_calls(client)
+    exceptions(client)
+    wrong_calls(client)
