@@ -26,7 +26,7 @@ __version__: str
 logger: logging.Logger
 DEFAULT_BASE_URL: str
 API_KEY_ENV: str
-BASE_URL_ENVS: tuple[str, str]
+BASE_URL_ENVS: tuple[str, str, str]
 USER_AGENT: str
 ONE_TIME_KEY_PREFIX: str
 PROVISION_HEADER: str
