@@ -52,6 +52,7 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Mapping, O
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3
 
 __version__ = "0.1.0"
 __all__ = [
@@ -94,11 +95,12 @@ POLL_BACKOFF = (0.25, 5.0)  # first and longest sleep between polls of such a se
 RETRY_BACKOFF = (0.5, 8.0)  # first and longest sleep between retries, before jitter
 RETRY_AFTER_MAX = 60.0  # the longest Retry-After honoured
 
-LOG_READ_TIMEOUT = 60.0  # a log stream silent this long is reconnected
+LOG_READ_TIMEOUT = 60.0  # a log stream with no entry this long: ask whether the run has ended
 LOG_BACKOFF = (0.5, 5.0)  # first and longest sleep before reconnecting a dropped log stream
-LOG_RECONNECTS = 10  # reconnects in a row, with no entry between them, before giving up
-LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404
+LOG_RECONNECTS = 10  # drops in a row, with no entry between them, before giving up
+LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404 before we ask about the run
 LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
+LOG_BLOCK = 64 << 10  # the most bytes read from a log stream at once
 LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
 
 UPLOAD_BLOCK = 1 << 20  # bytes read from the source per write to the socket
@@ -225,7 +227,7 @@ class Run:
         return _output(self.record, self.request_id)
 
     def logs(self) -> Iterator[LogEntry]:
-        """The run's log entries as they come, until it ends: see ``Client.logs``."""
+        """The run's log entries as they come, each once and in order, until it ends: see ``Client.logs``."""
         return self._client.logs(self.request_id)
 
     def done(self) -> bool:
@@ -541,8 +543,10 @@ class Client:
     def logs(self, request_id: str) -> Iterator[LogEntry]:
         """Yield a run's log entries as it writes them, each once and in order, until it ends.
 
-        A dropped or silent stream is reconnected from the last entry seen. A line that is not
-        JSON comes as ``{"rawText": line}``. Call ``.close()`` on the iterator to stop early.
+        NDJSON and server-sent events are both read; a line or event that is not a JSON object
+        comes as ``{"rawText": text}``. A dropped stream is reconnected and resumes where it
+        stopped; a silent one is asked about the run, and ends once the run has. Call
+        ``.close()`` on the iterator to stop early.
         """
         return _LogStream(self, _check_name("request id", request_id))
 
@@ -838,6 +842,9 @@ _CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
 _PATH_SAFE = "!$&'()*+,;=:@"  # kept as they are in a path segment (RFC 3986 pchar); all else is encoded
 _KEY = re.compile(r"[\x21-\x7e]+\Z")
 _ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_SSE_FIELD = re.compile(r":|(data|id|event|retry)(:|\Z)")
+_DIGITS = re.compile(r"[0-9]+\Z")
 _BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 _XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
 _XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
@@ -1185,6 +1192,11 @@ class _RateGate:
 
 
 # -- log streams -------------------------------------------------------------------------------
+#
+# Three pieces: _LogStream opens and reopens the connection and reads its body in small blocks;
+# _LogParser turns the lines of one connection into entries (NDJSON or server-sent events); and
+# _LogPosition remembers how far delivery has gone, to ask a reconnect to resume from there and
+# to skip what the server sends again.
 
 
 class _LogStream:
@@ -1194,7 +1206,9 @@ class _LogStream:
         self.request_id = request_id
         self._client = client
         self._response: Optional[requests.Response] = None
-        self._closed = False
+        self._closed = threading.Event()
+        self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
+        self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
         self._entries = self._follow()
 
     def __iter__(self) -> _LogStream:
@@ -1205,61 +1219,101 @@ class _LogStream:
 
     def close(self) -> None:
         """Stop the stream, from any thread: a read blocked on the socket returns at once."""
-        self._closed = True
-        if self._response is not None:
-            _interrupt(self._response)
+        self._closed.set()
+        response = self._response
+        if response is not None:
+            _interrupt(response)
 
     def _follow(self) -> Iterator[LogEntry]:
-        last: Optional[str] = None  # createdAt of the newest entry delivered
-        last_instant: Optional[int] = None
-        backoff, reconnects, started = LOG_BACKOFF[0], 0, time.monotonic()
-        while not self._closed:
-            query = "?after=" + quote(last, safe="") if last else ""
-            try:
-                response = self._client._request(
-                    "GET",
-                    f"/logs/{self.request_id}{query}",
-                    deadline=self._client._deadline(None),
-                    headers={"Accept": "text/event-stream"},
-                    read_timeout=LOG_READ_TIMEOUT,
-                    request_id=self.request_id,
-                    stream=True,
-                )
-            except NotFoundError:
-                if time.monotonic() - started > LOG_NOT_FOUND_GRACE:
-                    raise
-                time.sleep(POLL_BACKOFF[0])  # a run just started may not be registered yet
+        position = _LogPosition()
+        failures, started = 0, time.monotonic()
+        retry: Optional[float] = None  # the server's SSE "retry:", which replaces the backoff
+        while not self._closed.is_set():
+            response = self._open(position, started)
+            if response is None:
+                if self._ends_at is not None:
+                    return
                 continue
-            self._response = response
+            parser = _LogParser(response.headers.get("Content-Type", ""))
+            quiet_since = time.monotonic()
             try:
                 with response:
-                    for line in _split_lines(response.iter_content(chunk_size=None)):
-                        entry = _parse_log_line(line)
-                        if entry is None:
-                            continue
-                        created = entry.get("createdAt")
-                        if isinstance(created, str):
-                            instant = _instant(created)
-                            if last is not None and not _is_newer(created, instant, last, last_instant):
-                                continue  # seen before the stream was reconnected
-                            last, last_instant = created, instant
-                        if self._closed:
+                    for line in _split_lines(_blocks(response)):
+                        entry = parser.feed(line)
+                        if entry is not None and position.is_new(entry, parser.event_id):
+                            failures, quiet_since = 0, time.monotonic()
+                            yield entry
+                        if self._closed.is_set() or self._drained(quiet_since):
                             return
-                        backoff, reconnects = LOG_BACKOFF[0], 0
-                        yield entry
-                return  # the server ended the stream cleanly: the run is over
-            except (requests.RequestException, OSError, AttributeError, ValueError) as exc:
-                if self._closed:
+                return  # the server ended the stream: the run is over
+            except urllib3.exceptions.ReadTimeoutError:
+                if self._closed.is_set() or self._run_has_ended():
                     return
-                reconnects += 1
-                if reconnects > LOG_RECONNECTS:
+                logger.debug("log stream of %s silent; the run goes on, reconnecting", self.request_id)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                if self._closed.is_set():
+                    return
+                failures += 1
+                if failures > LOG_RECONNECTS:
                     raise APIConnectionError(
-                        f"the log stream of {self.request_id} failed {reconnects} times in a row: {exc}",
+                        f"the log stream of {self.request_id} failed {failures} times in a row: {exc}",
                         request_id=self.request_id,
                     ) from exc
-                logger.info("log stream of %s dropped (%s); reconnecting in %.1f s", self.request_id, exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, LOG_BACKOFF[1])
+                retry = retry if parser.retry is None else parser.retry
+                wait = min(LOG_BACKOFF[0] * 2 ** (failures - 1), LOG_BACKOFF[1]) if retry is None else retry
+                logger.info("log stream of %s dropped (%s); reconnecting in %.1f s", self.request_id, exc, wait)
+                self._closed.wait(wait)
+            position.reconnected()
+
+    def _open(self, position: _LogPosition, started: float) -> Optional[requests.Response]:
+        """GET /logs from where delivery stands; None to try again (a 404 while the run goes on,
+        or no answer in time) or, with ``_ends_at`` set, because the run has ended meanwhile."""
+        query = "?after=" + quote(position.after, safe="") if position.after else ""
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
+        if position.event_id:
+            headers["Last-Event-ID"] = position.event_id
+        try:
+            response = self._client._request(
+                "GET",
+                f"/logs/{self.request_id}{query}",
+                deadline=self._client._deadline(None) + LOG_READ_TIMEOUT,
+                headers=headers,
+                read_timeout=LOG_READ_TIMEOUT,
+                request_id=self.request_id,
+                stream=True,
+            )
+        except NotFoundError:
+            # A run just started, or still queued, may have no logs yet: wait while it goes on
+            # (details() raises NotFoundError for a run that does not exist).
+            if time.monotonic() - started < LOG_NOT_FOUND_GRACE:
+                self._closed.wait(POLL_BACKOFF[0])
+            elif self._run_has_ended():
+                raise
+            else:
+                self._closed.wait(POLL_BACKOFF[1])
+            return None
+        except APITimeoutError:  # no answer yet is silence too
+            if self._run_has_ended():
+                self._ends_at = time.monotonic()
+            return None
+        self._response = response
+        if self._closed.is_set():  # close() may have run before the line above
+            _interrupt(response)
+        return response
+
+    def _drained(self, quiet_since: float) -> bool:
+        """Whether a stream that sends no entries, only keep-alives, should end: the run has
+        ended (asked once per LOG_READ_TIMEOUT of quiet) and LOG_GRACE has passed since."""
+        now = time.monotonic()
+        if self._ends_at is None and now - quiet_since >= LOG_READ_TIMEOUT and now >= self._next_check:
+            self._next_check = now + LOG_READ_TIMEOUT
+            if self._run_has_ended():
+                self._ends_at = now + LOG_GRACE
+        return self._ends_at is not None and now >= self._ends_at
+
+    def _run_has_ended(self) -> bool:
+        record = self._client.details(self.request_id)
+        return bool(record.get("completedAt")) or record.get("responseStatus") is not None
 
 
 class _LogFollower:
@@ -1271,9 +1325,11 @@ class _LogFollower:
         self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
         self._thread.start()
 
-    def finish(self) -> None:
-        """Let the stream reach its end (it ends with the run) for a moment, then stop it."""
-        self._thread.join(LOG_GRACE)
+    def finish(self, drain: bool = True) -> None:
+        """Stop following; with ``drain``, first let the stream reach its end (it ends with the run)
+        for LOG_GRACE seconds; without, stop at once."""
+        if drain:
+            self._thread.join(LOG_GRACE)
         self._stream.close()
         self._thread.join(LOG_GRACE)
 
@@ -1295,35 +1351,152 @@ class _LogFollower:
                 return
 
 
-def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The complete lines of a byte stream, in time linear in its length however long a line is."""
+class _LogParser:
+    """The entries in the lines of one connection: NDJSON, or server-sent events read as the
+    WHATWG spec says (an event's ``data:`` lines joined, comments and unknown fields ignored).
+
+    A ``text/event-stream`` answer, or one whose first line is an SSE field, is read as events;
+    in it, a line that starts with ``{`` is still an entry of its own, as the official clients
+    expect. Anything else is NDJSON, where a line that starts with ``:`` is a comment too, and
+    a line that is not a JSON object is ``{"rawText": line}``.
+    """
+
+    def __init__(self, content_type: str) -> None:
+        self.sse = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+        self.event_id = ""  # the SSE "last event ID" at the last event
+        self.retry: Optional[float] = None  # the SSE "retry:" in seconds
+        self._data: List[str] = []
+        self._started = False  # whether a line has come that is not blank
+
+    def feed(self, line: bytes) -> Optional[LogEntry]:
+        """The entry this line completes, if any."""
+        text = line.decode("utf-8", "replace")
+        if not self._started:
+            text = text[1:] if text.startswith("\ufeff") else text  # a byte order mark
+            self._started = bool(text.strip())
+            self.sse = self.sse or bool(_SSE_FIELD.match(text))
+        if not self.sse:
+            text = text.strip()
+            return _parse_log_line(text) if text and not text.startswith(":") else None
+        if not text:  # the end of an event
+            data, self._data = "\n".join(self._data), []
+            return _parse_log_line(data) if data.strip() else None
+        if text.startswith("{"):
+            return _parse_log_line(text.strip())
+        name, _, value = text.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self.event_id = value
+        elif name == "retry" and _DIGITS.match(value):
+            self.retry = min(int(value) / 1000, RETRY_AFTER_MAX)
+        return None  # a comment (an empty name), "event:" and unknown fields say nothing to us
+
+
+class _LogPosition:
+    """How far delivery has gone: what to ask a reconnect for, and which entries it sends again.
+
+    Why each entry comes once. Say the server's log is in createdAt order and we have delivered a
+    prefix of it: newest timestamp N, k entries at N. We reconnect with ?after=A, A the newest
+    delivered timestamp older than N (or none), so every entry not yet delivered is at N or later.
+    A server whose after= is inclusive (>= A) or exclusive (> A), one that ignores it, and one that
+    resumes from Last-Event-ID all answer a suffix of the log that starts at or before the first
+    entry not yet delivered. In that suffix the entries older than N were all delivered, and those
+    at N come in log order, the first k of them delivered: we skip exactly those (matched by SSE id
+    when the server gives ids, so that a resumed suffix, whose first entry at N has a new id, is
+    not skipped), and skip nothing more once a new entry has come. Entries never change places
+    within a connection: only the start of a reconnect is filtered.
+    """
+
+    def __init__(self) -> None:
+        self.after: Optional[str] = None  # the A above
+        self.event_id = ""  # the SSE id of the last entry delivered
+        self._newest: Optional[Tuple[str, Optional[int]]] = None  # N, as text and as an instant
+        self._ids_at_newest: List[str] = []  # the SSE ids of the k entries delivered at N, in order
+        self._replaying = False
+        self._matched = 0  # entries at N skipped since the reconnect
+
+    def reconnected(self) -> None:
+        self._replaying, self._matched = self._newest is not None, 0
+
+    def is_new(self, entry: LogEntry, event_id: str) -> bool:
+        """Whether to deliver this entry, and if so, count it as delivered. An entry without a
+        createdAt is always delivered: nothing tells whether it was sent before."""
+        created = entry.get("createdAt")
+        if not isinstance(created, str):
+            return True
+        stamp = (created, _instant(created))
+        order = 1 if self._newest is None else _time_order(stamp, self._newest)
+        if self._replaying:
+            ids = self._ids_at_newest
+            if order < 0:
+                return False
+            if order == 0 and self._matched < len(ids) and ids[self._matched] == event_id:
+                self._matched += 1
+                return False
+            self._replaying = False
+        if order > 0:
+            self.after = self._newest[0] if self._newest is not None else None
+            self._newest, self._ids_at_newest = stamp, []
+        if order >= 0:
+            self._ids_at_newest.append(event_id)
+        elif self.after is None or _time_order(stamp, (self.after, _instant(self.after))) > 0:
+            self.after = created  # out of order within a connection: still older than N
+        self.event_id = event_id
+        return True
+
+
+def _time_order(a: Tuple[str, Optional[int]], b: Tuple[str, Optional[int]]) -> int:
+    """-1, 0 or 1 as timestamp a is older than, as old as or newer than b: as instants, else as text."""
+    if a[1] is not None and b[1] is not None:
+        return (a[1] > b[1]) - (a[1] < b[1])
+    return (a[0] > b[0]) - (a[0] < b[0])
+
+
+def _blocks(response: requests.Response) -> Iterator[bytes]:
+    """A streamed body in blocks as they arrive, of up to LOG_BLOCK bytes; ConnectionError if it
+    ends short of its Content-Length. A urllib3 without read1 (before 2.1) gives a chunked body
+    chunk by chunk too, but reads any other in blocks of LOG_BLOCK bytes or to its end."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is not None:
+        blocks: Iterable[bytes] = iter(lambda: read1(LOG_BLOCK, decode_content=True), b"")
+    else:
+        blocks = response.raw.stream(LOG_BLOCK, decode_content=True)
+    received = 0
+    for block in blocks:
+        received += len(block)
+        yield block
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and "Content-Encoding" not in response.headers and received < int(declared):
+        raise requests.ConnectionError(f"the log stream closed after {received} of {declared} bytes")
+
+
+def _split_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a byte stream, ended by LF, CRLF or CR, each as soon as it is complete, and the
+    last one even unended; in time linear in its length however long a line is."""
     pending = bytearray()
-    for chunk in chunks:
-        searched = len(pending)
-        pending += chunk
-        end = pending.rfind(b"\n", searched)
-        if end >= 0:
-            for line in pending[:end].split(b"\n"):
-                yield bytes(line)
-            del pending[: end + 1]
+    for block in blocks:
+        start = max(len(pending) - 1, 0)  # only a CR, held back, can end what is pending
+        pending += block
+        cut = 0
+        for end in _LINE_END.finditer(pending, start):
+            if end.group() == b"\r" and end.end() == len(pending):
+                break  # the next block may start with the LF of a CRLF
+            yield bytes(pending[cut : end.start()])
+            cut = end.end()
+        del pending[:cut]
         if len(pending) > LOG_LINE_MAX:
             raise CodewordsError(f"the log stream sent a line longer than {LOG_LINE_MAX >> 20} MiB: it is not a log")
     if pending:
-        yield bytes(pending)
+        yield bytes(pending[:-1] if pending.endswith(b"\r") else pending)
 
 
-def _parse_log_line(line: bytes) -> Optional[LogEntry]:
-    """A log entry from an NDJSON or an SSE ``data:`` line; None for blank lines and ``:`` comments."""
-    text = line.decode("utf-8", "replace").strip()
-    if text.startswith("data:"):
-        text = text[len("data:") :].strip()
-    elif text.startswith(":"):
-        return None
-    if not text:
-        return None
+def _parse_log_line(text: str) -> LogEntry:
+    """A log entry from an NDJSON line or an event's data: a JSON object, else ``{"rawText": text}``."""
     try:
         entry = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         return {"rawText": text}
     return entry if isinstance(entry, dict) else {"rawText": text}
 
@@ -1346,21 +1519,15 @@ def _instant(timestamp: str) -> Optional[int]:
     return seconds * 10**9 + int((fraction or "").ljust(9, "0")[:9])
 
 
-def _is_newer(created: str, instant: Optional[int], last: str, last_instant: Optional[int]) -> bool:
-    if instant is not None and last_instant is not None:
-        return instant > last_instant
-    return created > last
-
-
 def _interrupt(response: requests.Response) -> None:
-    """Close a streamed response so that a read blocked on it in another thread returns now."""
+    """Wake a read blocked on a streamed response in another thread: it returns at once, with
+    nothing or an error, and its own thread closes the response."""
     sock = getattr(getattr(response.raw, "connection", None), "sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)  # close() alone does not wake a blocked recv()
         except OSError:
             pass  # already closed
-    response.close()
 
 
 # -- uploads -----------------------------------------------------------------------------------

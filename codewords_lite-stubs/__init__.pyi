@@ -43,6 +43,7 @@ LOG_BACKOFF: tuple[float, float]
 LOG_RECONNECTS: int
 LOG_NOT_FOUND_GRACE: float
 LOG_GRACE: float
+LOG_BLOCK: int
 LOG_LINE_MAX: int
 UPLOAD_BLOCK: int
 UPLOAD_READ_TIMEOUT: float
@@ -128,7 +129,7 @@ class Run:
         ``on_log`` is called with each log entry as the run writes it, from another thread.
         """
     def logs(self) -> Iterator[LogEntry]:
-        """The run's log entries as they come, until it ends: see ``Client.logs``."""
+        """The run's log entries as they come, each once and in order, until it ends: see ``Client.logs``."""
     def done(self) -> bool:
         """Whether the run has finished, asked of the server without waiting."""
 
@@ -218,8 +219,10 @@ class Client:
     def logs(self, request_id: str) -> Iterator[LogEntry]:
         """Yield a run\'s log entries as it writes them, each once and in order, until it ends.
 
-        A dropped or silent stream is reconnected from the last entry seen. A line that is not
-        JSON comes as ``{"rawText": line}``. Call ``.close()`` on the iterator to stop early.
+        NDJSON and server-sent events are both read; a line or event that is not a JSON object
+        comes as ``{"rawText": text}``. A dropped stream is reconnected and resumes where it
+        stopped; a silent one is asked about the run, and ends once the run has. Call
+        ``.close()`` on the iterator to stop early.
         """
     def upload(
         self,

@@ -83,6 +83,14 @@ def _echo_bytes(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]
     return 200, bytes.fromhex(inputs.get("hex", "")), "image/png"
 
 
+def _script(inputs: Any, log: Callable[[Any], None]) -> Tuple[int, Any, str]:
+    """Writes the log ``entries`` given, exactly as given (timestamps too), ``interval`` seconds apart."""
+    for entry in inputs["entries"]:
+        log(entry)
+        time.sleep(float(inputs.get("interval", 0)))
+    return 200, {"entries": len(inputs["entries"])}, "application/json"
+
+
 def _talk(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     """Writes ``lines`` log lines, ``interval`` seconds apart."""
     for i in range(int(inputs.get("lines", 10))):
@@ -100,6 +108,7 @@ SERVICES = {
     "empty": _empty,
     "echo-bytes": _echo_bytes,
     "talk": _talk,
+    "script": _script,
 }
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "host"}
 
@@ -151,8 +160,18 @@ class FakeRuntime:
         self.hold_polls = hold_polls  # False: /result answers 408 at once instead of holding
         self.ndjson = ndjson  # False: /logs sends SSE "data:" lines
         self.ignore_after = False  # True: /logs sends every entry again, whatever ?after= says
+        self.after_inclusive = False  # True: ?after=T sends entries at T too; "alternate": each connection switches
         self.logs_never_end = False  # True: /logs stays open after the run has ended
         self.keep_alive = True  # False: /logs says nothing while the run is silent
+        self.log_framing = "chunked"  # "length": one answer with a Content-Length once the run has ended;
+        # "close": no length, no chunks, the body ends when the connection closes
+        self.millisecond_stamps = False  # True: createdAt in milliseconds, several entries may share one
+        self.sse_ids = False  # True: each event has an "id:", and Last-Event-ID resumes after it
+        self.sse_retry: Optional[int] = None  # a "retry:" field, in milliseconds, opening each SSE stream
+        self.sse_multiline = False  # True: each event's JSON is spread over several "data:" lines
+        self.line_end = b"\n"  # or b"\r\n", b"\r"
+        self.bom = False  # True: each /logs body starts with a UTF-8 byte order mark
+        self.log_connections = 0
         self.concurrency_limit: Optional[int] = None  # more runs at once than this get a 429
         self.rate_limit_retry_after = "0.2"
         self.running = 0  # runs executing now
@@ -249,11 +268,17 @@ class FakeRuntime:
             self.records[request_id]["startedAt"] = now_iso()
             self.most_running = max(self.most_running, self.running)  # counted in by the handler
 
-        def log(message: str) -> None:
+        def log(message: Any) -> None:
             with self.lock:
                 entries = self.log_entries[request_id]
+                if isinstance(message, dict):  # a scripted entry, timestamp and all
+                    entries.append(message)
+                    self.lock.notify_all()
+                    return
                 created = now_iso()
-                if entries and created <= entries[-1]["createdAt"]:  # keep timestamps strictly rising
+                if self.millisecond_stamps:
+                    created = created[:23] + "Z"
+                elif entries and created <= entries[-1]["createdAt"]:  # keep timestamps strictly rising
                     stamp = datetime.datetime.strptime(entries[-1]["createdAt"], "%Y-%m-%dT%H:%M:%S.%fZ")
                     created = (stamp + datetime.timedelta(microseconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                 entries.append({"createdAt": created, "level": "INFO", "message": message})
@@ -538,26 +563,88 @@ class _ApiHandler(_Handler):
         self.send(408, {"detail": "Request still running"})
 
     def logs(self, request_id: str, after: str, fault: Optional[Fault]) -> None:
-        """Stream the run's entries newer than ``after``, chunked, until the run has ended."""
+        """Stream the run's entries from ``after`` (or Last-Event-ID) on, until the run has ended."""
         runtime = self.runtime
         if request_id not in runtime.records:
             return self.not_found()
+        with runtime.lock:
+            runtime.log_connections += 1
+            inclusive = runtime.after_inclusive
+            if inclusive == "alternate":
+                inclusive = runtime.log_connections % 2 == 0
+            entries = runtime.log_entries[request_id]
+            if runtime.sse_ids and self.headers.get("Last-Event-ID"):
+                index = int(self.headers["Last-Event-ID"]) + 1
+            elif after and not runtime.ignore_after:
+                index = next(
+                    (
+                        i
+                        for i, e in enumerate(entries)
+                        if e["createdAt"] > after or (inclusive and e["createdAt"] == after)
+                    ),
+                    len(entries),
+                )
+            else:
+                index = 0
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson" if runtime.ndjson else "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
+        if runtime.log_framing == "length":
+            return self.logs_at_once(request_id, index, fault)
+        if runtime.log_framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
         self.end_headers()
-        entries = runtime.log_entries[request_id]
-        with runtime.lock:
-            index = sum(1 for e in entries if e["createdAt"] <= after) if after and not runtime.ignore_after else 0
         try:
             self.stream_entries(request_id, index, fault)
         except OSError:
             self.close_connection = True  # the client went away
 
+    def event(self, entry: Dict[str, Any], index: int) -> bytes:
+        """One entry as an NDJSON line or an SSE event, in the line ends the runtime uses."""
+        runtime = self.runtime
+        if runtime.ndjson:
+            lines = [json.dumps(entry, ensure_ascii=False).encode()]
+        else:
+            text = json.dumps(entry, indent=1 if runtime.sse_multiline else None, ensure_ascii=False)
+            lines = [b"event: log"] + [b"data: " + part.encode() for part in text.split("\n")]
+            if runtime.sse_ids:
+                lines.append(b"id: %d" % index)
+            lines.append(b"")
+        return b"".join(line + runtime.line_end for line in lines)
+
+    def opening(self) -> bytes:
+        runtime = self.runtime
+        head = b"\xef\xbb\xbf" if runtime.bom else b""
+        if not runtime.ndjson and runtime.sse_retry is not None:
+            head += b"retry: %d" % runtime.sse_retry + runtime.line_end + runtime.line_end
+        return head
+
+    def logs_at_once(self, request_id: str, index: int, fault: Optional[Fault]) -> None:
+        """The whole log in one answer with a Content-Length, once the run has ended; cut short by a fault."""
+        runtime = self.runtime
+        runtime.wait_until_done(request_id)
+        with runtime.lock:
+            entries = list(runtime.log_entries[request_id])
+        events = [self.event(entry, i) for i, entry in enumerate(entries) if i >= index]
+        body = self.opening() + b"".join(events)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if fault and fault.cut_after is not None and fault.cut_after < len(events):
+            runtime.faults_applied["cut log stream"] += 1
+            kept = (
+                len(self.opening()) + sum(len(e) for e in events[: fault.cut_after]) + len(events[fault.cut_after]) // 2
+            )
+            self.wfile.write(body[:kept])
+            return self.drop()
+        self.wfile.write(body)
+
     def stream_entries(self, request_id: str, index: int, fault: Optional[Fault]) -> None:
         runtime = self.runtime
         entries = runtime.log_entries[request_id]
         sent = 0
+        if self.opening():
+            self.write(self.opening())
         while True:
             with runtime.lock:
                 runtime.lock.wait_for(
@@ -569,18 +656,28 @@ class _ApiHandler(_Handler):
                 )
                 fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
             if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:
-                self.chunk(b"\n" if runtime.ndjson else b": keep-alive\n\n")
-            for entry in fresh:
-                line = json.dumps(entry).encode()
+                self.write(runtime.line_end if runtime.ndjson else b": keep-alive" + runtime.line_end * 2)
+            for offset, entry in enumerate(fresh):
+                event = self.event(entry, index + offset)
                 if fault and fault.cut_after is not None and sent == fault.cut_after:
                     runtime.faults_applied["cut log stream"] += 1
-                    self.chunk(line[: len(line) // 2])
+                    self.write(event[: len(event) // 2])
                     return self.drop()
-                self.chunk(line + b"\n" if runtime.ndjson else b"data: " + line + b"\n\n")
+                self.write(event)
                 sent += 1
             index += len(fresh)
             if finished and not fresh and not runtime.logs_never_end:
-                return self.chunk(b"")
+                if runtime.log_framing == "chunked":
+                    self.chunk(b"")  # the last chunk
+                return
+
+    def write(self, data: bytes) -> None:
+        """Send part of a streamed body: as a chunk, or as it is (an empty chunk ends a chunked body)."""
+        if self.runtime.log_framing == "chunked":
+            return self.chunk(data)
+        if data:
+            self.wfile.write(data)
+            self.wfile.flush()
 
     def chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

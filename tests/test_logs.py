@@ -1,11 +1,16 @@
 """Log streaming: parsing, reconnects that deliver every entry once and in order, and on_log."""
 
+import json
 import logging
 import threading
 import time
 
 import pytest
+import responses
+import urllib3
 from fake_runtime import FakeRuntime
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import codewords_lite as cw
 
@@ -22,29 +27,94 @@ def messages(entries):
 # -- parsing -----------------------------------------------------------------------------------
 
 
+def parse(body, content_type=""):
+    """The entries a connection with this body and Content-Type gives, blocks of 3 bytes at a time."""
+    parser = cw._LogParser(content_type)
+    blocks = [body[i : i + 3] for i in range(0, len(body), 3)]
+    return [e for e in (parser.feed(line) for line in cw._split_lines(blocks)) if e is not None]
+
+
 @pytest.mark.parametrize(
     "line, entry",
     [
         (b'{"createdAt": "t", "message": "hi"}', {"createdAt": "t", "message": "hi"}),
-        (b'data: {"message": "sse"}', {"message": "sse"}),
-        (b'data:{"message": "sse, no space"}\r', {"message": "sse, no space"}),
+        (b'  {"message": "spaces"} \t', {"message": "spaces"}),
         (b"", None),
-        (b"   \r", None),
+        (b"   ", None),
         (b": keep-alive", None),
-        (b"data:", None),
         (b"Traceback (most recent call last):", {"rawText": "Traceback (most recent call last):"}),
-        (b"data: not json", {"rawText": "not json"}),
         (b"[1, 2]", {"rawText": "[1, 2]"}),
         (b"\xff\xfe broken utf-8", {"rawText": "\ufffd\ufffd broken utf-8"}),
     ],
 )
-def test_parse_log_line(line, entry):
-    assert cw._parse_log_line(line) == entry
+def test_an_ndjson_line(line, entry):
+    assert cw._LogParser("application/x-ndjson").feed(line) == entry
 
 
-def test_split_lines_joins_lines_across_chunks_and_keeps_a_last_line():
-    chunks = [b'{"a"', b': 1}\n{"b": 2}\r', b"\n\n", b"x" * 5, b"y" * 5, b"\nlast"]
-    assert list(cw._split_lines(chunks)) == [b'{"a": 1}', b'{"b": 2}\r', b"", b"x" * 5 + b"y" * 5, b"last"]
+def test_a_deeply_nested_line_is_raw_text_not_a_recursion_error():
+    """A line of JSON nested 100,000 deep made json.loads raise RecursionError out of the stream."""
+    line = "[" * 100_000 + "]" * 100_000
+    assert cw._parse_log_line(line) == {"rawText": line}
+    deep = '{"a": ' * 100_000 + "1" + "}" * 100_000
+    assert parse(deep.encode() + b"\n") == [{"rawText": deep}]
+    assert parse(b"data: " + deep.encode() + b"\n\n", "text/event-stream") == [{"rawText": deep}]
+
+
+def test_server_sent_events_are_parsed_as_the_spec_says():
+    """SSE fields used to come out as rawText entries, and a two-line data: event as two entries."""
+    body = (
+        b": a comment\n"
+        b"retry: 1500\n"
+        b"event: log\n"
+        b'data: {"message":\n'
+        b'data:  "two lines"}\n'
+        b"id: 7\n"
+        b"unknown: field\n"
+        b"\n"
+        b"data: plain text\n"
+        b"data\n"
+        b"\n"
+        b"id: 8\n"
+        b"\n"  # no data: no event
+        b'data: {"message": "never ended"}\n'
+    )
+    parser = cw._LogParser("text/event-stream; charset=utf-8")
+    entries = [(parser.feed(line), parser.event_id) for line in cw._split_lines([body])]
+    assert [e for e in entries if e[0] is not None] == [
+        ({"message": "two lines"}, "7"),
+        ({"rawText": "plain text\n"}, "7"),
+    ]
+    assert parser.retry == 1.5 and parser.event_id == "8"
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("content_type", ["text/event-stream", ""])
+def test_sse_with_any_line_end_and_a_byte_order_mark(end, content_type):
+    """CR and CRLF line ends and a BOM, which the spec allows, broke events or became raw text."""
+    body = b'\xef\xbb\xbfdata: {"n": 1}' + end * 2 + b'data: {"n": 2}' + end + b"data: 3" + end * 2
+    assert parse(body, content_type) == [{"n": 1}, {"rawText": '{"n": 2}\n3'}]
+
+
+def test_ndjson_in_an_event_stream_is_read_line_by_line():
+    """What the official clients expect of /logs: JSON lines, even labelled text/event-stream."""
+    body = b'{"n": 1}\r\n{"n": 2}\n: keep-alive\n\n{"n": 3}'
+    assert parse(body, "text/event-stream") == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert parse(b"\xef\xbb\xbf" + body.replace(b": keep-alive\n", b""), "application/json") == [
+        {"n": 1},
+        {"n": 2},
+        {"n": 3},
+    ]
+
+
+def test_a_last_line_without_a_line_end_is_kept_but_not_a_last_unended_event():
+    assert parse(b'{"n": 1}\n{"n": 2}') == [{"n": 1}, {"n": 2}]
+    assert parse(b'data: {"n": 1}\n\ndata: {"n": 2}\n') == [{"n": 1}]  # the spec drops an unended event
+
+
+def test_split_lines_ends_lines_at_lf_crlf_and_cr_across_blocks():
+    blocks = [b'{"a"', b': 1}\n{"b": 2}\r', b"\n\n", b"x\r", b"y\r\r", b"\nlast"]
+    assert list(cw._split_lines(blocks)) == [b'{"a": 1}', b'{"b": 2}', b"", b"x", b"y", b"", b"last"]
+    assert list(cw._split_lines([b"a\r"])) == [b"a"]
 
 
 def test_split_lines_of_a_long_line_is_linear():
@@ -67,13 +137,97 @@ def test_split_lines_of_a_long_line_is_linear():
 )
 def test_timestamps_are_compared_as_instants(earlier, later):
     assert cw._instant(earlier) < cw._instant(later)
-    assert cw._is_newer(later, cw._instant(later), earlier, cw._instant(earlier))
-    assert not cw._is_newer(earlier, cw._instant(earlier), later, cw._instant(later))
+    a, b = (earlier, cw._instant(earlier)), (later, cw._instant(later))
+    assert cw._time_order(a, b) == -1 and cw._time_order(b, a) == 1 and cw._time_order(a, a) == 0
 
 
 def test_an_unparsable_timestamp_falls_back_to_text_order():
     assert cw._instant("yesterday") is None
-    assert cw._is_newer("b", None, "a", None) and not cw._is_newer("a", None, "a", None)
+    assert cw._time_order(("b", None), ("a", None)) == 1 and cw._time_order(("a", None), ("a", None)) == 0
+
+
+def test_the_log_request_on_the_wire():
+    """GET /logs/{id} asks for an event stream, uncompressed, and the answer is read as it says."""
+    with responses.RequestsMock() as mock:
+        mock.get(
+            "https://runtime.example/logs/req_1",
+            body=b'event: log\ndata: {"message": "a",\ndata: "n": 1}\nid: 1\n\n',
+            content_type="text/event-stream",
+        )
+        client = cw.Client("cwk-test", base_url="https://runtime.example")
+        assert list(client.logs("req_1")) == [{"message": "a", "n": 1}]
+        (call,) = mock.calls
+    assert call.request.headers["Accept"] == "text/event-stream"
+    assert call.request.headers["Accept-Encoding"] == "identity"
+    assert "Last-Event-ID" not in call.request.headers
+
+
+# -- the de-duplicator: what a reconnect replays is skipped, nothing else -------------------------
+
+
+def stamp(n):
+    return f"2026-01-01T00:00:00.{n:03d}Z"
+
+
+def server_answer(log, mode, after, last_event_id):
+    """The suffix of the log a server sends to a reconnect, by how it reads ?after= and Last-Event-ID."""
+    if mode == "last-event-id" and last_event_id:
+        return log[int(last_event_id) + 1 :]
+    if mode == "ignore" or after is None:
+        return log
+    inclusive = mode == "inclusive"
+    return [e for e in log if e["createdAt"] > after or (inclusive and e["createdAt"] == after)]
+
+
+def deliver(log, mode, cuts, ids):
+    """What the client delivers of the log when the n-th connection drops after cuts[n] entries."""
+    position, delivered = cw._LogPosition(), []
+    for cut in [*cuts, None]:
+        answer = server_answer(log, mode, position.after, position.event_id)
+        for entry in answer if cut is None else answer[:cut]:
+            if position.is_new(dict(entry), str(log.index(entry)) if ids else ""):
+                delivered.append(entry)
+        position.reconnected()
+    return delivered
+
+
+# Timestamps from a handful of milliseconds, so that bursts share one; messages from two, so
+# that many entries are identical in every field.
+entries_in_order = st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["a", "b"])), max_size=14).map(
+    lambda pairs: [{"createdAt": stamp(n), "message": m} for n, m in sorted(pairs, key=lambda p: p[0])]
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    entries_in_order,
+    st.sampled_from(["exclusive", "inclusive", "ignore"]),
+    st.lists(st.integers(0, 15), max_size=6),
+)
+def test_every_entry_is_delivered_once_however_the_stream_is_cut(log, mode, cuts):
+    """Any log with bursts of equal timestamps and identical entries, cut anywhere, from a server
+    whose after= is exclusive, inclusive or ignored: what is delivered is what was written."""
+    assert deliver(log, mode, cuts, ids=False) == log
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    entries_in_order,
+    st.sampled_from(["exclusive", "inclusive", "last-event-id"]),
+    st.lists(st.integers(0, 15), max_size=6),
+)
+def test_every_entry_is_delivered_once_with_event_ids(log, mode, cuts):
+    """The same with SSE ids, and a server that resumes from Last-Event-ID instead of ?after=."""
+    log = [dict(e, n=i) for i, e in enumerate(log)]  # ids are positions: entries differ by them
+    assert deliver(log, mode, cuts, ids=True) == log
+
+
+def test_a_burst_of_equal_timestamps_on_an_unbroken_stream_is_kept():
+    """The old filter ran on every entry: six entries of one millisecond arrived as one."""
+    position = cw._LogPosition()
+    burst = [{"createdAt": stamp(1), "message": "same"}] * 6 + [{"createdAt": stamp(0), "message": "late"}]
+    assert [position.is_new(e, "") for e in burst] == [True] * 7
+    assert position.after == stamp(0)  # a reconnect asks from before the burst
 
 
 # -- streaming against the emulator ------------------------------------------------------------
@@ -114,6 +268,25 @@ def test_a_404_just_after_the_start_is_retried(runtime, client):
     runtime.fault("GET", "/logs/", status=404, times=2)
     run = client.start("talk", {"lines": 3})
     assert messages(run.logs()) == ["line 0", "line 1", "line 2"]
+
+
+def test_logs_that_answer_404_for_longer_than_the_grace_while_the_run_goes_on(runtime, client, monkeypatch):
+    """A queued run may have no logs for a while: they raised NotFoundError after five seconds."""
+    monkeypatch.setattr(cw, "LOG_NOT_FOUND_GRACE", 0.0)
+    monkeypatch.setattr(cw, "POLL_BACKOFF", (0.01, 0.01))
+    runtime.fault("GET", "/logs/", status=404, times=5)
+    run = client.start("sleep", {"seconds": 0.6, "lines": 3})
+    assert messages(run.logs()) == ["step 0", "step 1", "step 2"]
+    assert len(runtime.calls_to("GET", "/request/")) == 5  # asked each time whether the run goes on
+
+
+def test_logs_that_answer_404_after_the_run_has_ended_raise(runtime, client, monkeypatch):
+    monkeypatch.setattr(cw, "LOG_NOT_FOUND_GRACE", 0.0)
+    runtime.fault("GET", "/logs/", status=404, times=1)
+    run = client.start("talk", {"lines": 3})
+    run.wait()
+    with pytest.raises(cw.NotFoundError, match="/logs/"):
+        list(run.logs())
 
 
 def test_logs_of_an_unknown_request_raise_not_found(runtime, client, monkeypatch):
@@ -208,3 +381,181 @@ def test_on_log_with_a_one_time_key_is_refused_before_sending():
         with pytest.raises(cw.ConfigurationError, match="one-time key"):
             client.run("talk", on_log=print)
         assert runtime.calls == []
+
+
+# -- what the issue found: each against the emulator -------------------------------------------
+
+
+def scripted(*messages_at):
+    """Log entries as (millisecond, message) pairs, identical ones included."""
+    return [{"createdAt": stamp(ms), "level": "INFO", "message": m} for ms, m in messages_at]
+
+
+BURSTY = scripted(
+    (1, "a"),
+    (2, "burst"),
+    (2, "burst"),
+    (2, "burst"),
+    (2, "x"),
+    (2, "burst"),
+    (2, "burst"),
+    (1, "late"),
+    (3, "b"),
+    (3, "b"),
+)
+
+
+def test_a_burst_in_one_millisecond_and_a_late_entry_all_arrive(runtime, client):
+    """Entries sharing a createdAt, or a millisecond older than the one before, were dropped."""
+    run = client.start("script", {"entries": BURSTY})
+    assert list(run.logs()) == BURSTY
+
+
+@pytest.mark.parametrize(
+    "after_inclusive", [False, True, "alternate", None], ids=["exclusive", "inclusive", "alternate", "ignored"]
+)
+@pytest.mark.parametrize("cut_after", [1, 2, 3, 4])
+def test_a_reconnect_inside_a_burst_delivers_each_entry_once(runtime, client, after_inclusive, cut_after):
+    """Cut inside a group of equal timestamps, with after= inclusive, exclusive, switching
+    between the two, or ignored: every entry arrives once, the identical ones too."""
+    runtime.after_inclusive, runtime.ignore_after = after_inclusive, after_inclusive is None
+    runtime.fault("GET", "/logs/", cut_after=cut_after, times=3)
+    run = client.start("script", {"entries": BURSTY[:7]})
+    run.wait()
+    assert list(run.logs()) == BURSTY[:7]
+    assert runtime.faults_applied["cut log stream"] == 3
+
+
+@pytest.mark.parametrize("after_inclusive", [False, True])
+def test_millisecond_timestamps_through_many_cuts(runtime, client, after_inclusive):
+    """A chatty run stamped in milliseconds, as real runtimes stamp, its stream cut five times."""
+    runtime.millisecond_stamps, runtime.after_inclusive = True, after_inclusive
+    runtime.fault("GET", "/logs/", cut_after=7, times=5)
+    seen = []
+    assert client.start("talk", {"lines": 60, "interval": 0}).wait(on_log=seen.append) == {"lines": 60}
+    assert messages(seen) == [f"line {i}" for i in range(60)]
+    assert len({e["createdAt"] for e in seen}) < 60  # bursts did share timestamps
+
+
+def test_an_answer_with_a_content_length_cut_short(runtime, client):
+    """A body with a Content-Length cut short: the entries before the cut are delivered before
+    the reconnect (they were thrown away with the error), and the rest after it."""
+    runtime.log_framing = "length"
+    runtime.fault("GET", "/logs/", cut_after=3, times=1)
+    run = client.start("talk", {"lines": 8})
+    run.wait()
+    connections_at = []
+    for _ in run.logs():
+        connections_at.append(len(runtime.calls_to("GET", "/logs/")))
+    assert len(connections_at) == 8
+    assert connections_at[:3] == [1, 1, 1] and connections_at[3:] == [2] * 5
+
+
+@pytest.mark.skipif(
+    not hasattr(urllib3.response.HTTPResponse, "read1"), reason="an older urllib3 reads such a body to its end"
+)
+def test_a_stream_without_chunks_is_live(runtime, client):
+    """A body that ends when the connection closes was read whole before the first entry came out."""
+    runtime.log_framing = "close"
+    run = client.start("sleep", {"seconds": 30, "lines": 1})
+    stream = run.logs()
+    assert messages([next(stream)]) == ["step 0"]
+    assert not runtime.records[run.request_id].get("completedAt")  # the run goes on
+    stream.close()
+    run = client.start("talk", {"lines": 5})
+    assert messages(run.logs()) == [f"line {i}" for i in range(5)]
+
+
+def test_a_quiet_run_is_not_a_failing_stream(runtime, client, monkeypatch):
+    """Each silent read timeout counted as a failed reconnect: a run quiet for long made logs() raise."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.1)
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 1)
+    runtime.keep_alive = False
+    run = client.start("sleep", {"seconds": 0.8, "lines": 2})
+    assert messages(run.logs()) == ["step 0", "step 1"]
+    assert len(runtime.calls_to("GET", "/logs/")) > 2  # reconnected while quiet, and did not give up
+    assert runtime.calls_to("GET", "/request/")  # asked whether the run had ended
+
+
+def test_a_short_client_timeout_does_not_shorten_a_quiet_stream(runtime, monkeypatch):
+    """The read timeout was capped by Client(timeout): with timeout=0.3 a quiet half second failed."""
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 1)
+    runtime.keep_alive = False
+    with cw.Client(runtime.api_key, base_url=runtime.url, timeout=0.3) as client:
+        run = client.start("sleep", {"seconds": 0.9, "lines": 1})
+        assert messages(run.logs()) == ["step 0"]
+
+
+def test_logs_end_when_the_run_has_ended_though_keep_alives_go_on(runtime, client, monkeypatch):
+    """A server that keeps the stream open with keep-alive lines after the run: logs() never ended."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(cw, "LOG_GRACE", 0.2)
+    runtime.logs_never_end = True
+    run = client.start("talk", {"lines": 3})
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(messages(run.logs())), daemon=True)
+    reader.start()
+    reader.join(20)
+    assert outcome == [["line 0", "line 1", "line 2"]]
+
+
+@pytest.mark.parametrize("multiline", [False, True])
+def test_server_sent_events_with_ids_retry_and_several_data_lines(multiline, monkeypatch):
+    """SSE: multi-line data joined, "retry:" used as the reconnect delay, Last-Event-ID sent back."""
+    monkeypatch.setattr(cw, "LOG_BACKOFF", (60.0, 60.0))  # only the server's retry: keeps the test quick
+    with FakeRuntime(ndjson=False) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.sse_ids, runtime.sse_retry, runtime.sse_multiline = True, 10, multiline
+        runtime.millisecond_stamps = True
+        runtime.fault("GET", "/logs/", cut_after=4, times=2)
+        run = client.start("talk", {"lines": 12})
+        run.wait()
+        assert messages(run.logs()) == [f"line {i}" for i in range(12)]
+        resumed = [c["headers"].get("Last-Event-ID") for c in runtime.calls_to("GET", "/logs/")]
+        assert resumed == [None, "3", "7"]
+
+
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\r"], ids=["crlf", "cr"])
+@pytest.mark.parametrize("ndjson", [True, False], ids=["ndjson", "sse"])
+def test_other_line_ends_and_a_byte_order_mark(line_end, ndjson):
+    with FakeRuntime(ndjson=ndjson) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.line_end, runtime.bom = line_end, True
+        runtime.fault("GET", "/logs/", cut_after=2, times=1)
+        run = client.start("talk", {"lines": 5})
+        assert messages(run.logs()) == [f"line {i}" for i in range(5)]
+
+
+def test_finish_without_drain_stops_at_once(runtime, client):
+    """finish(drain=False), for Ctrl-C: no grace period, the thread is gone at once."""
+    runtime.logs_never_end = True
+    seen = []
+    run = client.start("talk", {"lines": 2})
+    follower = cw._LogFollower(client, run.request_id, seen.append)
+    run.wait()
+    started = time.monotonic()
+    follower.finish(drain=False)
+    assert time.monotonic() - started < cw.LOG_GRACE
+    assert not follower._thread.is_alive()
+
+
+def test_a_cut_inside_a_multibyte_character(runtime, client):
+    """A drop in the middle of a UTF-8 character: no mangled entry, and nothing lost."""
+
+    def cut_inside_a_character(entry):  # the emulator cuts an entry in the middle of its line
+        line = json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+        return line[: len(line) // 2].decode("utf-8", "strict")
+
+    entries = scripted(*[(i, "😀" * 18) for i in range(6)])
+    with pytest.raises(UnicodeDecodeError):
+        cut_inside_a_character(entries[2])
+    runtime.fault("GET", "/logs/", cut_after=2, times=3)
+    run = client.start("script", {"entries": entries})
+    run.wait()
+    assert list(run.logs()) == entries
+
+
+def test_a_silent_stream_that_never_closes_ends_with_the_run(runtime, client, monkeypatch):
+    """A server that neither closes nor says anything once the run has ended."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.2)
+    runtime.logs_never_end, runtime.keep_alive = True, False
+    run = client.start("talk", {"lines": 2})
+    assert messages(run.logs()) == ["line 0", "line 1"]
