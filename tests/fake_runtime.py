@@ -517,6 +517,10 @@ class _ApiHandler(_Handler):
                 headers={"Retry-After": runtime.rate_limit_retry_after},
             )
         request_id = runtime.new_record(service_id, provisioned)
+        with runtime.lock:  # an id sent again (a redirect followed) starts afresh
+            runtime.answers.pop(request_id, None)
+            for field in ("responseStatus", "responseJson", "responseContent", "completedAt"):
+                runtime.records[request_id].pop(field, None)
         worker = threading.Thread(target=runtime.execute, args=(request_id, service_id, request), daemon=True)
         worker.start()
         if kind == "run_async":

@@ -77,6 +77,7 @@ async def empty(kind: str) -> Response:
 @app.post("/slashed/")
 async def slashed(request: Request) -> dict:
     """Defined with a trailing slash: FastAPI answers /slashed with a 307 to /slashed/."""
+    ran(request)
     return {"slashed": True, "method": request.method, "body": (await request.body()).decode()}
 
 
