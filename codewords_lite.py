@@ -243,7 +243,15 @@ class Run:
 # The client
 # ---------------------------------------------------------------------------------------------
 
-_CLIENT_DEFAULT: Any = object()  # stands for "the client's own setting" in keyword defaults
+
+class _ClientDefault:
+    """Stands for "the client's own setting" in keyword defaults, and says so in ``help()``."""
+
+    def __repr__(self) -> str:
+        return "<the client's setting>"
+
+
+_CLIENT_DEFAULT: Any = _ClientDefault()
 
 
 class Client:
@@ -1702,6 +1710,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
     status = _Status(sys.stderr, enabled=sys.stderr.isatty() and not args.debug)
+    if not os.environ.get(API_KEY_ENV):
+        print(f"codewords-lite: no API key: export {API_KEY_ENV}=... (from the environment only)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with Client(base_url=args.base_url) as client:
             output = args.handler(client, args, status)

@@ -1,8 +1,9 @@
-"""A short tour of codewords-lite, runnable in one command.
+"""A short tour of codewords-lite, runnable in one command, once the package is installed.
 
-    python examples/quickstart.py                         # against a local emulator, no key needed
+    pip install . && python examples/quickstart.py        # against a local emulator, no key needed
     CODEWORDS_API_KEY=cwk-... python examples/quickstart.py SERVICE_ID '{"name": "Ada"}'
 
+It uses the installed package, not the checkout's codewords_lite.py, so it also checks the install.
 With CODEWORDS_API_KEY set it calls the real service; without it, it starts the emulator from
 tests/fake_runtime.py on a free loopback port and shows a blocking run, a start and wait, and a
 gateway 504 resumed without running the workflow a second time.
@@ -15,9 +16,15 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # codewords_lite.py, when run from a checkout
 
-import codewords_lite as cw  # noqa: E402
+try:
+    import codewords_lite as cw
+except ImportError as exc:
+    if exc.name != "codewords_lite":
+        raise
+    raise SystemExit(
+        f"codewords-lite is not installed for {sys.executable}: run `pip install .` in {os.path.dirname(HERE)}"
+    ) from None
 
 
 def real_service(service_id: str, inputs: dict) -> None:
@@ -33,6 +40,7 @@ def emulator_tour() -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
     from fake_runtime import FakeRuntime
 
+    print(f"codewords-lite {cw.__version__}, installed at {cw.__file__}")
     print("No CODEWORDS_API_KEY: using the local emulator (its gateway cuts blocking calls at 1 s)\n")
     with FakeRuntime(gateway_timeout=1.0) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
         print("1. A blocking run")
@@ -62,7 +70,7 @@ def emulator_tour() -> None:
         print("5. The same from the command line")
         command = [sys.executable, "-m", "codewords_lite", "run", "echo", '{"name": "Ada"}', "-i", "n=3"]
         env = dict(os.environ, CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url)
-        result = subprocess.run(command, env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True)
+        result = subprocess.run(command, env=env, cwd=HERE, capture_output=True, text=True)  # not the checkout
         print('   $ codewords-lite run echo \'{"name": "Ada"}\' -i n=3')
         print(f"   {result.stdout.strip()}    (exit code {result.returncode})")
 

@@ -3,10 +3,15 @@
     with FakeRuntime() as runtime:
         client = codewords_lite.Client(runtime.api_key, base_url=runtime.url)
 
-It serves every endpoint of PROTOCOL.md, runs a few test workflows (see SERVICES), counts their
-executions, can play a gateway that answers 504 while the run goes on, and takes injected faults:
-status codes with Retry-After, dropped connections, slow answers and truncated bodies. A second
-server on another port plays the storage host that presigned upload URLs point to.
+Or on its own, to try the client without an account (it prints the key and URL to export):
+
+    python tests/fake_runtime.py --port 8787
+
+It serves every endpoint that codewords_lite.py calls (provision, run, run_async, result, request,
+logs, file), runs a few test workflows (see SERVICES; add your own there), counts their executions,
+can play a gateway that answers 504 while the run goes on, and takes injected faults: status codes
+with Retry-After, dropped connections, slow answers and truncated bodies. A second server on another
+port plays the storage host that presigned upload URLs point to.
 
 ``FakeRuntime(workflows={"service-id": "http://127.0.0.1:PORT"})`` puts real workflows (FastAPI
 apps, see tests/workflows/) behind it: ``/run/{service}/{path}`` and ``/run_async/...`` are
@@ -755,3 +760,52 @@ class _StorageHandler(_Handler):
         self.close_connection = True  # the body of the PUT may not have been read
         body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
         self.send(status, body.encode(), content_type="application/xml")
+
+
+# -- the command line: the emulator on its own, until Ctrl-C -------------------------------------
+
+WORKFLOW_HELP = {
+    "echo": "answers its inputs",
+    "check": 'answers its inputs, or 422 if they hold {"fail": "why"}',
+    "sleep": 'takes {"seconds": 1, "lines": 0}, logging a line per step',
+    "fail": 'answers {"status": 500, "detail": "boom"} as the workflow\'s error',
+    "text": 'answers {"text": "hello"} as plain text',
+    "empty": "answers 204 with no body",
+    "talk": 'logs {"lines": 10} lines, {"interval": 0.01} s apart',
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve the CodeWords runtime emulator on 127.0.0.1 until Ctrl-C.")
+    parser.add_argument("--port", type=int, default=8787, help="the API's port; 0 takes a free one (default 8787)")
+    parser.add_argument(
+        "--gateway-timeout",
+        type=float,
+        metavar="S",
+        help="answer 504 to a blocking run held longer than S seconds, as the real gateway does after about 120",
+    )
+    args = parser.parse_args(argv)
+    try:
+        runtime = FakeRuntime(port=args.port, gateway_timeout=args.gateway_timeout)
+    except OSError as exc:
+        parser.exit(2, f"cannot serve on 127.0.0.1:{args.port} ({exc.strerror}): pick another --port\n")
+    with runtime:
+        print(f"The CodeWords runtime emulator is serving on {runtime.url}. In another shell:\n")
+        print(f"    export CODEWORDS_API_KEY={runtime.api_key} CODEWORDS_BASE_URL={runtime.url}")
+        print('    codewords-lite run echo \'{"name": "Ada"}\'\n')
+        print("Its workflows:")
+        for name in SERVICES:
+            print(f"    {name:8}{WORKFLOW_HELP.get(name, '')}")
+        print("\nCtrl-C stops it.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("Stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
