@@ -45,6 +45,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -73,6 +74,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("codewords_lite")
+logger.addHandler(logging.NullHandler())  # a library prints nothing unless its user configures logging
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -102,6 +104,7 @@ LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404 be
 LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
 LOG_BLOCK = 64 << 10  # the most bytes read from a log stream at once
 LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
+POOL_SIZE = 100  # connections kept open to the API host; more calls at once than this open and close their own
 
 UPLOAD_BLOCK = 1 << 20  # bytes read from the source per write to the socket
 UPLOAD_READ_TIMEOUT = 120.0  # for the storage host's answer to a PUT
@@ -289,9 +292,10 @@ class Client:
         # Proxies and the CA bundle come from the environment once, not on every call.
         self._proxies = requests.utils.get_environ_proxies(self.base_url)
         self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-        self._local = threading.local()
-        self._adapters: List[requests.adapters.HTTPAdapter] = []
-        self._lock = threading.Lock()
+        # One pool for all threads (urllib3's pools are thread-safe): it holds as many connections
+        # as calls ever ran at once, however many threads come and go.
+        self._pool = requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE)
+        self._closed = False
         self._gate = _RateGate()
 
     def __repr__(self) -> str:
@@ -307,18 +311,21 @@ class Client:
         self.__init__(**state)  # type: ignore[misc]
 
     def __enter__(self) -> Client:
+        self._check_open()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close the connections this client opened (not those of a session it was given)."""
-        with self._lock:
-            adapters, self._adapters = self._adapters, []
-            self._local = threading.local()
-        for adapter in adapters:
-            adapter.close()
+        """Close the connections this client opened (not those of a session it was given); any
+        later call raises RuntimeError."""
+        self._closed = True
+        self._pool.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this codewords_lite.Client is closed: make a new one")
 
     # -- running workflows ------------------------------------------------------------------
 
@@ -598,12 +605,17 @@ class Client:
         A session of its own carries none of the API's headers, cookies or credentials.
         """
         where = _without_query(url)
+        if self._given_session is not None:  # its proxies and CA bundle, and those of the environment if it trusts it
+            network = self._given_session.merge_environment_settings(url, {}, None, None, None)
+            proxies, verify = network["proxies"], network["verify"]
+        else:
+            proxies, verify = requests.utils.get_environ_proxies(url), self._verify
         with requests.Session() as storage:
             storage.trust_env = False  # no ~/.netrc credentials for someone else's host
             storage.headers = requests.structures.CaseInsensitiveDict({"User-Agent": USER_AGENT})
-            proxies = requests.utils.get_environ_proxies(url)
             attempt = 0
             while True:
+                self._check_open()
                 body.rewind()
                 cause: Optional[BaseException] = None
                 try:
@@ -614,9 +626,11 @@ class Client:
                         timeout=(self.connect_timeout, UPLOAD_READ_TIMEOUT),
                         allow_redirects=False,
                         proxies=proxies,
-                        verify=self._verify,
+                        verify=verify,
                     )
                 except requests.RequestException as exc:
+                    if body.failure is not None:
+                        raise body.failure from None  # from the source or on_progress: the caller's, not the network's
                     cause = exc
                     error: CodewordsError = _connection_error("PUT", where, exc, None)
                     retryable = _is_transport_failure(exc)
@@ -783,50 +797,48 @@ class Client:
         timeout: Tuple[float, float],
         stream: bool,
     ) -> requests.Response:
-        """One HTTP exchange: through a session given to the client, as it is set up, or else
-        straight through this thread's requests adapter, which skips the session's per-call
-        merging of settings, cookies and environment (a fifth of a call's time on loopback)."""
+        """One HTTP exchange: through a session given to the client, as it is set up but for
+        its credentials, or else straight through the client's requests adapter, which skips the
+        session's per-call merging of settings, cookies and environment (a fifth of a call's
+        time on loopback)."""
+        self._check_open()
         if self._given_session is not None:
             response = self._given_session.request(
-                method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=stream
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+                stream=stream,
+                auth=_BearerAuth(headers["Authorization"]),  # or ~/.netrc and session.auth would replace the key
             )
         else:
             prepared = requests.PreparedRequest()
             prepared.prepare(method=method, url=url, headers=headers, data=body)
-            response = self._adapter().send(
+            response = self._pool.send(
                 prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
             )
         if not stream:
             _check_complete(response)
         return response
 
-    def _adapter(self) -> requests.adapters.HTTPAdapter:
-        """This thread's connection pool: requests does not promise that one is safe to share."""
-        adapter: Optional[requests.adapters.HTTPAdapter] = getattr(self._local, "adapter", None)
-        if adapter is None:
-            adapter = requests.adapters.HTTPAdapter()
-            with self._lock:
-                self._adapters.append(adapter)
-                self._local.adapter = adapter
-        return adapter
-
     def _status_error(
         self, method: str, url_path: str, response: requests.Response, request_id: Optional[str]
     ) -> APIStatusError:
         """The APIStatusError for an HTTP error answer, with the server's message in its text."""
         status = response.status_code
-        body = _decode(response.content)
+        body = _answer(response)
         detail = body.get("detail") if isinstance(body, dict) and "detail" in body else body
-        message = f"{status} {response.reason or ''} from {method} {_strip_query(url_path)}".replace("  ", " ")
+        reason = _without_key(response.reason or "", response)
+        message = f"{status} {reason} from {method} {_strip_query(url_path)}".replace("  ", " ")
         if 300 <= status < 400:
-            message += f": redirected to {response.headers.get('Location')!r}, which is not followed"
+            location = _without_key(response.headers.get("Location"), response)
+            message += f": redirected to {location!r}, which is not followed"
         elif detail not in (None, ""):
             message += ": " + _describe(detail)
         if request_id:
             message += f" (request {request_id})"
-        key = self._api_key or os.environ.get(API_KEY_ENV)
-        if key:  # a server may echo the key back: keep it out of what gets printed and logged
-            message, detail = _masked(message, key), _masked(detail, key)
         cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
         if status == 504 and response.headers.get("Error-Origin") == "service":
             cls = ServerError  # the workflow's own 504, not the gateway giving up
@@ -932,9 +944,20 @@ def _encode_inputs(inputs: Any) -> bytes:
     if inputs is None:
         return b"{}"
     try:
-        return json.dumps(inputs, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+        return _json_text(inputs, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"inputs are not JSON-serialisable: {exc}") from exc
+
+
+def _json_text(value: Any, **layout: Any) -> str:
+    """JSON that UTF-8 can encode: non-ASCII as is, unless a lone surrogate (which UTF-8 has no
+    bytes for) forces every non-ASCII character into a \\u escape."""
+    text = json.dumps(value, ensure_ascii=False, **layout)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **layout)
+    return text
 
 
 def _decode(content: Union[bytes, str]) -> Any:
@@ -943,6 +966,8 @@ def _decode(content: Union[bytes, str]) -> Any:
         return None
     try:
         return json.loads(content)
+    except RecursionError:
+        raise CodewordsError("the server answered with JSON nested too deeply to read") from None
     except ValueError:
         return content.decode("utf-8", "replace") if isinstance(content, bytes) else content
 
@@ -965,6 +990,8 @@ def _output_of(response: requests.Response) -> Any:
     if not media_type:
         try:
             return json.loads(content)
+        except RecursionError:
+            raise CodewordsError("the server answered with JSON nested too deeply to read") from None
         except ValueError:
             pass
     return content
@@ -978,6 +1005,28 @@ def _decoded_text(content: bytes, encoding: str) -> str:
         return content.decode("utf-8", "replace")
 
 
+def _answer(response: requests.Response) -> Any:
+    """An API answer's body, decoded, with the key its request carried masked: the only way to
+    read an answer that may end up in an exception or a log record."""
+    return _without_key(_decode(response.content), response)
+
+
+def _without_key(value: Any, response: requests.Response) -> Any:
+    """The value with the API key sent in the answered request replaced by *** in every string.
+
+    A server may echo the key back: mask whatever an answer puts in an exception's text,
+    ``detail`` or ``body`` or in a log record, before it is cut short or escaped.
+    """
+    sent = response.request.headers.get("Authorization", "") if response.request is not None else ""
+    key = sent[len("Bearer ") :] if sent.startswith("Bearer ") else sent
+    if not key:
+        return value
+    try:
+        return _masked(value, key)
+    except RecursionError:
+        raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+
+
 def _describe(detail: Any) -> str:
     """The server's ``detail`` in one line: validation errors as "field: message; ..."."""
     if isinstance(detail, str):
@@ -985,7 +1034,10 @@ def _describe(detail: Any) -> str:
     elif isinstance(detail, list) and all(isinstance(d, dict) and "msg" in d for d in detail):
         text = "; ".join(".".join(map(str, d.get("loc") or ())) + ": " + str(d["msg"]) for d in detail)
     else:
-        text = json.dumps(detail, ensure_ascii=False, default=str)
+        try:
+            text = json.dumps(detail, ensure_ascii=False, default=str)
+        except RecursionError:
+            text = "(JSON nested too deeply to show)"
     text = " ".join(text.split())
     return text if len(text) <= 500 else text[:497] + "..."
 
@@ -1003,7 +1055,7 @@ def _masked(value: Any, secret: str) -> Any:
 
 def _request_id_in(response: requests.Response) -> str:
     """The ``request_id`` of an answer to /run_async or /provision-request."""
-    body = _decode(response.content)
+    body = _answer(response)
     request_id = body.get("request_id") if isinstance(body, dict) else None
     try:
         return _check_name("request id", request_id)
@@ -1017,8 +1069,9 @@ def _request_id_in(response: requests.Response) -> str:
 
 
 def _record_in(response: requests.Response, request_id: str) -> Dict[str, Any]:
-    """The request record in an answer, which must be a JSON object."""
-    record = _decode(response.content)
+    """The request record in an answer, which must be a JSON object (the key masked in it, as
+    it may end up in a RunFailed)."""
+    record = _answer(response)
     if not isinstance(record, dict):
         raise APIStatusError(
             f"{response.status_code} with a request record that is not a JSON object: {_describe(record)}",
@@ -1102,6 +1155,18 @@ def _connection_error(
 ) -> APIConnectionError:
     cls = APITimeoutError if isinstance(exc, requests.Timeout) else APIConnectionError
     return cls(f"{method} {_strip_query(url_path)} failed: {exc}", request_id=request_id)
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """The Authorization header of an API call, as requests' ``auth=``: given so, it keeps a
+    session from putting its own ``auth`` or ``~/.netrc`` credentials in the key's place."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._value
+        return request
 
 
 def _retry_after(response: requests.Response) -> Optional[float]:
@@ -1559,6 +1624,7 @@ class _UploadBody:
         self._source, self._start, self._size, self._on_progress = source, start, size, on_progress
         self._sent = 0
         self._reported = 0.0
+        self.failure: Optional[BaseException] = None  # raised by the source or on_progress while requests read
 
     def __len__(self) -> int:
         return self._size
@@ -1570,14 +1636,22 @@ class _UploadBody:
         self._report(force=True)
 
     def read(self, size: int = -1) -> bytes:
-        count = min(UPLOAD_BLOCK, self._size - self._sent)
-        block: Union[bytes, memoryview]
-        if isinstance(self._source, memoryview):
-            block = self._source[self._sent : self._sent + count]
-        else:
-            block = self._source.read(count)
-        self._sent += len(block)
-        self._report(force=self._sent == self._size)
+        """The next block. What the source or on_progress raises is kept in ``failure``: urllib3
+        would wrap an OSError (a TimeoutError too) as a dropped connection, which is retried."""
+        try:
+            count = min(UPLOAD_BLOCK, self._size - self._sent)
+            block: Union[bytes, memoryview]
+            if isinstance(self._source, memoryview):
+                block = self._source[self._sent : self._sent + count]
+            else:
+                block = self._source.read(count)
+            if count and not block:
+                raise OSError(f"the file ended after {self._sent} of {self._size} bytes: it changed while it was sent")
+            self._sent += len(block)
+            self._report(force=self._sent == self._size)
+        except BaseException as exc:
+            self.failure = exc
+            raise
         return block  # type: ignore[return-value]
 
     def _report(self, force: bool) -> None:
@@ -1589,7 +1663,9 @@ class _UploadBody:
 class _upload_source:
     """Opens what ``upload`` was given: (source, start offset, size, default name); closes what it opened.
 
-    A stream that cannot seek is first copied to a temporary file, for its size and for retries.
+    A stream that cannot seek, or a path to anything but a regular file with a size (a FIFO,
+    ``/dev/stdin``, a file of ``/proc``), is first copied to a temporary file, for its size and
+    for retries.
     """
 
     def __init__(self, source: Any) -> None:
@@ -1599,8 +1675,15 @@ class _upload_source:
     def __enter__(self) -> Tuple[Union[IO[bytes], memoryview], int, int, Optional[str]]:
         source = self._source
         if isinstance(source, (str, os.PathLike)):
+            name = os.path.basename(os.fspath(source))
             self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
-            return self._opened, 0, os.fstat(self._opened.fileno()).st_size, os.path.basename(os.fspath(source))
+            info = os.fstat(self._opened.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_size:
+                return self._opened, 0, info.st_size, name
+            opened, self._opened = self._opened, tempfile.TemporaryFile()
+            with opened:
+                shutil.copyfileobj(opened, self._opened, UPLOAD_BLOCK)
+            return self._opened, 0, self._opened.seek(0, os.SEEK_END), name
         if isinstance(source, (bytes, bytearray, memoryview)):
             view = memoryview(source).cast("B")
             return view, 0, view.nbytes, None
@@ -1638,7 +1721,7 @@ def _check_filename(filename: Optional[str]) -> str:
 
 def _upload_answer(response: requests.Response) -> Tuple[str, str, Optional[Dict[str, str]]]:
     """upload_uri, download_uri and upload_headers from the answer to POST /file."""
-    body = _decode(response.content)
+    body = _answer(response)
     if isinstance(body, dict):
         upload_uri, download_uri, headers = body.get("upload_uri"), body.get("download_uri"), body.get("upload_headers")
         good_headers = headers is None or (
@@ -1734,11 +1817,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.buffer.flush()
     elif output is not _NO_OUTPUT:
         layout: Dict[str, Any] = {"indent": 2} if sys.stdout.isatty() else {"separators": (",", ":")}
-        print(json.dumps(output, ensure_ascii=False, **layout))
+        print(_json_text(_unechoed(output), **layout))
     return EXIT_OK
 
 
 _NO_OUTPUT: Any = object()  # a command that has printed what it had to say
+
+
+def _unechoed(value: Any) -> Any:
+    """What the command line prints, with the key masked: a workflow or a server may echo it."""
+    key = os.environ.get(API_KEY_ENV)
+    return _masked(value, key) if key else value
 
 
 def _cli_failure(error: Exception) -> Tuple[int, str]:
@@ -1843,7 +1932,7 @@ def _cli_logs(client: Client, args: Any, status: _Status) -> Any:
 
     status.request_id = args.request_id
     for entry in client.logs(args.request_id):
-        sys.stdout.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        sys.stdout.write(_json_text(_unechoed(entry)) + "\n")
         sys.stdout.flush()
     return _NO_OUTPUT
 
@@ -1865,17 +1954,25 @@ def _cli_inputs(args: Any) -> Any:
     import sys
 
     inputs: Any = {}
-    if args.inputs == "-":
-        text = sys.stdin.read()
-    elif args.inputs and args.inputs.startswith("@"):
-        with open(args.inputs[1:], encoding="utf-8") as file:
-            text = file.read()
-    else:
-        text = args.inputs
+    for argument in [args.inputs or "", *args.fields]:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+            raise _UsageError(f"{argument!r} is not UTF-8 text") from None
+    try:
+        if args.inputs == "-":
+            text = sys.stdin.buffer.read().decode("utf-8")
+        elif args.inputs and args.inputs.startswith("@"):
+            with open(args.inputs[1:], encoding="utf-8") as file:
+                text = file.read()
+        else:
+            text = args.inputs
+    except UnicodeDecodeError as exc:
+        raise _UsageError(f"INPUTS {args.inputs} is not UTF-8 text: {exc}") from None
     if text is not None:
         try:
             inputs = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise _UsageError(f"INPUTS is not valid JSON: {exc}") from None
     if args.fields and not isinstance(inputs, dict):
         raise _UsageError(f"-i adds a field to a JSON object, and INPUTS is a {type(inputs).__name__}")
@@ -1892,6 +1989,8 @@ def _parse_field(field: str) -> Tuple[str, Any]:
         raise _UsageError(f"-i takes KEY=VALUE, not {field!r}")
     try:
         return key.strip(), json.loads(text)
+    except RecursionError:
+        raise _UsageError(f"-i {key.strip()}: JSON nested too deeply") from None
     except ValueError:
         return key.strip(), text
 
@@ -1912,7 +2011,7 @@ class _Status:
             return None
 
         def on_log(entry: LogEntry) -> None:
-            text = str(entry.get("message", entry.get("rawText", json.dumps(entry, ensure_ascii=False))))
+            text = str(_unechoed(entry.get("message", entry.get("rawText", json.dumps(entry, ensure_ascii=False)))))
             with self._lock:
                 self._newest_log = " ".join(text.split())
                 if print_all:

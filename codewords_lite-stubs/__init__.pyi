@@ -45,6 +45,7 @@ LOG_NOT_FOUND_GRACE: float
 LOG_GRACE: float
 LOG_BLOCK: int
 LOG_LINE_MAX: int
+POOL_SIZE: int
 UPLOAD_BLOCK: int
 UPLOAD_READ_TIMEOUT: float
 PROGRESS_INTERVAL: float
@@ -162,7 +163,8 @@ class Client:
     def __enter__(self) -> Client: ...
     def __exit__(self, *exc_info: Any) -> None: ...
     def close(self) -> None:
-        """Close the connections this client opened (not those of a session it was given)."""
+        """Close the connections this client opened (not those of a session it was given); any
+        later call raises RuntimeError."""
     def run(
         self,
         service_id: str,

@@ -272,6 +272,7 @@ class FakeRuntime:
             self.executions[service_id] += 1
             self.records[request_id]["startedAt"] = now_iso()
             self.most_running = max(self.most_running, self.running)  # counted in by the handler
+            self.lock.notify_all()  # for tests that wait for a run to start
 
         def log(message: Any) -> None:
             with self.lock:
@@ -466,6 +467,7 @@ class _ApiHandler(_Handler):
                     "headers": dict(self.headers),
                     "body": body,
                     "at": time.monotonic(),
+                    "peer": self.client_address[1],  # the client's port: one per connection
                 }
             )
         if not runtime.check_key(self.headers.get("Authorization")):

@@ -80,6 +80,13 @@ def test_an_empty_answer_is_none_whatever_its_type(api, lean, content_type):
     assert lean.run("svc") is None
 
 
+@pytest.mark.parametrize("content_type", [None, "application/json", "application/problem+json; charset=utf-8"])
+def test_json_nested_too_deeply_is_a_codewords_error(api, lean, content_type):
+    api.post(f"{BASE}/run/svc", body=b"[" * 100_000 + b"]" * 100_000, content_type=content_type)
+    with pytest.raises(cw.CodewordsError, match="nested too deeply"):
+        lean.run("svc")
+
+
 def test_binary_output_from_the_emulator_is_the_bytes(runtime, client):
     runtime_png = client.run("echo-bytes", {"hex": PNG.hex()})
     assert runtime_png == PNG

@@ -1,0 +1,176 @@
+"""What a long-lived process must not lose or get wrong: sockets, a closed client, the key
+behind a session of the caller's."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+import codewords_lite as cw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SOCKETS_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading
+    sys.path.insert(0, sys.argv[1])
+    import codewords_lite as cw
+
+    def sockets():
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass  # the listing's own descriptor, closed by now
+        return count
+
+    client = cw.Client(sys.argv[2], base_url=sys.argv[3])
+    for _ in range(10):
+        list(client.map("echo", [{"i": i} for i in range(16)], max_workers=8))
+    after_maps = sockets()
+    for _ in range(50):  # 200 short-lived threads, 4 at a time
+        batch = [threading.Thread(target=client.run, args=("echo",), kwargs={"fallback": None}) for _ in range(4)]
+        for thread in batch:
+            thread.start()
+        for thread in batch:
+            thread.join()
+    after_threads = sockets()
+    client.close()
+    print(json.dumps([after_maps, after_threads, sockets()]))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts sockets in /proc")
+def test_open_sockets_are_bounded_by_peak_concurrency_not_by_threads(runtime):
+    """Regression: every thread that ever called kept a pool of its own until close(): 80
+    sockets after 10 maps of 8 workers, 200 after 200 short-lived threads."""
+    result = subprocess.run(
+        [sys.executable, "-c", SOCKETS_SCRIPT, ROOT, runtime.api_key, runtime.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    after_maps, after_threads, after_close = json.loads(result.stdout)
+    assert after_maps <= 8  # the peak: 8 workers
+    assert after_threads <= 8  # 4 at a time, reusing what the maps left open
+    assert after_close == 0
+    assert len({call["peer"] for call in runtime.calls}) <= 8
+
+
+def test_a_closed_client_refuses_every_call_and_opens_no_connection(runtime):
+    """Regression: after close() or a with block, calls went on and opened new connections."""
+    with cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        request_id = client.start("echo").request_id
+    given = requests.Session()
+    closed_by_hand = cw.Client(runtime.api_key, base_url=runtime.url, session=given)
+    closed_by_hand.close()
+    calls, puts = len(runtime.calls), len(runtime.storage_calls)
+    for closed in (client, closed_by_hand):
+        for attempt in _every_call(closed, request_id):
+            with pytest.raises(RuntimeError, match="Client is closed"):
+                attempt()
+    assert (len(runtime.calls), len(runtime.storage_calls)) == (calls, puts)
+    given.close()
+
+
+def _every_call(client, request_id):
+    return [
+        lambda: client.run("echo", {"a": 1}),
+        lambda: client.run("echo", fallback=None),
+        lambda: client.start("echo"),
+        lambda: client.provision(),
+        lambda: client.details(request_id),
+        lambda: client.result(request_id),
+        lambda: client.get_run(request_id).wait(),
+        lambda: list(client.logs(request_id)),
+        lambda: list(client.map("echo", [{}, {}])),
+        lambda: client.upload(b"data", filename="a.txt"),
+        lambda: client.__enter__(),
+    ]
+
+
+@pytest.fixture
+def netrc_for_localhost(tmp_path, monkeypatch):
+    """A ~/.netrc with credentials for 127.0.0.1, which requests applies to a session that trusts the environment."""
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+@pytest.mark.parametrize("session_auth", [None, ("someone", "hunter2")])
+def test_a_given_session_with_netrc_or_auth_still_sends_the_key(runtime, netrc_for_localhost, session_auth):
+    """Regression: with session=, ~/.netrc replaced `Authorization: Bearer <key>` by `Basic ...`."""
+    session = requests.Session()
+    session.auth = session_auth
+    with cw.Client(runtime.api_key, base_url=runtime.url, session=session) as client:
+        run = client.start("talk", {"lines": 2})
+        assert run.wait(on_log=lambda entry: None) == {"lines": 2}
+        client.run("echo", {"a": 1}, on_log=lambda entry: None)
+        client.details(run.request_id)
+        list(client.logs(run.request_id))
+        client.upload(b"abc", filename="a.txt")
+    sent = {call["headers"].get("Authorization") for call in runtime.calls}
+    assert sent == {"Bearer " + runtime.api_key}
+    assert len(runtime.calls) >= 8
+    assert [c for c in runtime.storage_calls if "Authorization" in c["headers"]] == []
+    session.close()
+
+
+class _RecordingProxy(BaseHTTPRequestHandler):
+    """A forward proxy that accepts every PUT itself and remembers what it was asked."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # or each answer waits ~40 ms for a delayed ACK
+    seen = None  # what each PUT asked, set by the test
+
+    def do_PUT(self):
+        self.seen.append({"target": self.path, "headers": dict(self.headers)})
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_uploads_go_through_the_given_sessions_proxies_and_verify(runtime, monkeypatch):
+    """Regression: the PUT ignored the given session's proxies and CA bundle. The API host is
+    reached as localhost and the storage host as 127.0.0.1, so that only the PUT is proxied."""
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    _RecordingProxy.seen = []
+    verifies = []
+    send = requests.adapters.HTTPAdapter.send
+
+    def spy(adapter, request, **kwargs):
+        verifies.append((request.method, kwargs.get("verify")))
+        return send(adapter, request, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", spy)
+    session = requests.Session()
+    session.proxies = {"http://127.0.0.1": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    session.verify = "/etc/our-ca.pem"
+    api_url = runtime.url.replace("127.0.0.1", "localhost")
+    try:
+        with cw.Client(runtime.api_key, base_url=api_url, session=session) as client:
+            client.upload(b"abc", filename="a.txt")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        session.close()
+    (put,) = _RecordingProxy.seen
+    assert put["target"].startswith(runtime.storage_url + "/upload/")
+    assert "Authorization" not in put["headers"] and runtime.api_key not in json.dumps(put)
+    assert ("PUT", "/etc/our-ca.pem") in verifies and ("POST", "/etc/our-ca.pem") in verifies
