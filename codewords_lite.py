@@ -19,12 +19,12 @@ Every failure of the service or the network is a ``CodewordsError``; bad argumen
     ├── APIConnectionError                                the network failed and retries ran out
     │   └── APITimeoutError(APIConnectionError, TimeoutError)
     ├── APIStatusError                                    .status_code .detail .body .request_id
-    │   ├── AuthenticationError                           401, 403
-    │   ├── NotFoundError                                 404
-    │   ├── RateLimitError                                429, .retry_after
-    │   └── ServerError                                   5xx
-    │       └── GatewayTimeout                            504 that could not be resumed
-    ├── RunFailed                                         the workflow answered >= 400; .record
+    │   ├── AuthenticationError                           401, 403: the API refused the key
+    │   ├── NotFoundError                                 404 from the API: no such service or run
+    │   ├── RateLimitError                                429 from the API, .retry_after
+    │   ├── ServerError                                   5xx from the API or the gateway
+    │   │   └── GatewayTimeout                            504 that could not be resumed
+    │   └── RunFailed                                     the workflow answered >= 400; .record
     └── RunTimeout(CodewordsError, TimeoutError)          a deadline passed; .request_id
 """
 
@@ -34,8 +34,10 @@ import collections.abc
 import contextlib
 import datetime
 import email.utils
+import heapq
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -49,11 +51,28 @@ import stat
 import tempfile
 import threading
 import time
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+)
 from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 __version__ = "0.1.0"
 __all__ = [
@@ -180,26 +199,26 @@ class GatewayTimeout(ServerError):
     """504 from the gateway on a blocking run that could not be resumed."""
 
 
-class RunFailed(CodewordsError):
-    """The workflow finished with a status of 400 or more; ``record`` is the request record."""
+class RunFailed(APIStatusError):
+    """The workflow itself answered with a status of 400 or more; ``record`` is the request
+    record when one is known. The API's own refusals keep their classes."""
 
     def __init__(
         self,
         message: str = "",
         *,
-        request_id: Optional[str] = None,
-        record: Optional[Dict[str, Any]] = None,
         status_code: int = 0,
         detail: Any = None,
+        body: Any = None,
+        request_id: Optional[str] = None,
+        record: Optional[Dict[str, Any]] = None,
     ) -> None:
-        super().__init__(message, request_id=request_id)
+        super().__init__(message, status_code=status_code, detail=detail, body=body, request_id=request_id)
         self.record = record
-        self.status_code = status_code
-        self.detail = detail
 
 
 class RunTimeout(CodewordsError, TimeoutError):
-    """A deadline passed; the run may go on, and ``client.get_run(request_id)`` finds it."""
+    """A deadline passed; the run may go on, and ``client.result(request_id)`` picks it up."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +256,7 @@ class Run:
         """Whether the run has finished, asked of the server without waiting."""
         if self.record is None:
             record = self._client.details(self.request_id)
-            if record.get("completedAt") or record.get("responseStatus") is not None:
+            if _finished(record):
                 self.record = record
         return self.record is not None
 
@@ -261,8 +280,9 @@ class Client:
     """A connection to the CodeWords runtime; safe to share between threads.
 
     The API key is read when first needed, so making a client never fails for a missing key.
-    With a one-time key (``cwotk-``) every call sends exactly one request: no retries, no
-    provisioned id and no fallback, since the first request spends the key.
+    With a one-time key (``cwotk-``) every call sends exactly one request, since the first
+    request spends the key: no retries, no provisioned id, no fallback, no log stream, one
+    poll; a call that needs more (``on_log``, ``map``) is refused before anything is sent.
     """
 
     def __init__(
@@ -294,7 +314,7 @@ class Client:
         self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         # One pool for all threads (urllib3's pools are thread-safe): it holds as many connections
         # as calls ever ran at once, however many threads come and go.
-        self._pool = requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE)
+        self._pool = _WatchedAdapter(pool_maxsize=POOL_SIZE)
         self._closed = False
         self._gate = _RateGate()
 
@@ -348,74 +368,111 @@ class Client:
         None raises GatewayTimeout or APITimeoutError. ``on_log`` is called with each log
         entry while the run goes on, from another thread. ``request_id``, from
         ``provision()``, names the run in advance, so that it can be found even if this
-        process dies while it waits.
+        process dies while it waits. A failure of the workflow itself raises RunFailed.
         """
-        url_path = _service_path("run", service_id, path)
-        body = _encode_inputs(inputs)
-        fallback = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
-        deadline = self._deadline(timeout)
-        if request_id is not None:
-            _check_name("request id", request_id)
-        elif self._one_time_key():
-            if on_log is not None:
-                raise ConfigurationError("on_log needs requests of its own, and a one-time key allows one")
-            fallback = None
-        elif fallback == "resume" or on_log:
-            request_id = self._provision(deadline)
-        follower = _LogFollower(self, request_id, on_log) if on_log and request_id else None
-        try:
-            return self._run_blocking(service_id, inputs, path, url_path, body, fallback, deadline, request_id, on_log)
-        finally:
-            if follower is not None:
-                follower.finish()
+        plan = self._plan_run(service_id, inputs, path, timeout, fallback, on_log, request_id)
+        return self._run(plan)
 
-    def _run_blocking(
+    def _plan_run(
         self,
         service_id: str,
         inputs: Optional[Mapping[str, Any]],
         path: str,
-        url_path: str,
-        body: bytes,
+        timeout: Optional[float],
         fallback: Optional[str],
-        deadline: float,
-        request_id: Optional[str],
         on_log: Optional[Callable[[LogEntry], Any]],
-    ) -> Any:
-        """POST /run, and the fallback if the gateway or the read timeout cuts it short."""
+        request_id: Optional[str],
+    ) -> _RunPlan:
+        """Check a run's arguments and decide, before anything is sent, what it will send.
+
+        A one-time key allows one request: no provision, no log stream, no fallback, no retry;
+        what needs more is refused here.
+        """
+        url_path = _service_path("run", service_id, path)
+        body = _encode_inputs(inputs)
+        deadline = self._deadline(timeout)
+        if request_id is not None:
+            _check_name("request id", request_id)
+        chosen = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
+        if self._one_time_key():
+            if on_log is not None:
+                raise ConfigurationError(_ONE_REQUEST.format("on_log streams logs"))
+            if fallback is not _CLIENT_DEFAULT and fallback is not None:
+                raise ConfigurationError(_ONE_REQUEST.format(f"fallback={fallback!r} sends a second request"))
+            return _RunPlan(service_id, path, url_path, body, None, deadline, request_id, False, None)
+        provision = request_id is None and (chosen == "resume" or on_log is not None)
+        return _RunPlan(service_id, path, url_path, body, chosen, deadline, request_id, provision, on_log)
+
+    def _claim_id(self, plan: _RunPlan) -> None:
+        """Provision the run's request id, if its plan asks for one."""
+        if plan.provision:
+            plan.request_id = self._provision(plan.deadline)
+            plan.provision = False
+
+    def _run(self, plan: _RunPlan) -> Any:
+        """A planned run, with its logs streamed while it goes on.
+
+        Ctrl-C raises KeyboardInterrupt saying whether the run was sent and how to pick it up.
+        """
+        sending, ended = False, False  # ended: the run has finished, so its log stream ends too
+        try:
+            self._claim_id(plan)
+            sending = True
+            if plan.on_log is not None and plan.request_id:
+                plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
+            output = self._run_blocking(plan)
+            ended = True
+            return output
+        except RunFailed:
+            ended = True
+            raise
+        except KeyboardInterrupt:
+            what = f"run of {plan.service_id}"
+            message = _interrupted(what, plan.request_id) if sending else f"{what} interrupted before it was sent"
+            raise KeyboardInterrupt(message) from None
+        finally:
+            if plan.follower is not None:
+                plan.follower.finish(drain=ended)
+
+    def _run_blocking(self, plan: _RunPlan) -> Any:
+        """POST /run, and the plan's fallback if its answer is cut short."""
         try:
             response = self._request(
                 "POST",
-                url_path,
-                body=body,
-                headers={PROVISION_HEADER: request_id} if request_id else None,
+                plan.url_path,
+                body=plan.body,
+                headers={PROVISION_HEADER: plan.request_id} if plan.request_id else None,
                 read_timeout=self.sync_timeout,
-                deadline=deadline,
-                resend=False,
-                request_id=request_id,
+                deadline=plan.deadline,
+                kind=_RUN,
+                request_id=plan.request_id,
+                admit=plan.admit,
             )
-        except (GatewayTimeout, APITimeoutError) as exc:
-            sent = not isinstance(exc, APITimeoutError) or isinstance(exc.__cause__, requests.ReadTimeout)
-            if time.monotonic() >= deadline:
-                message = f"run of {service_id} passed its deadline"
-                raise RunTimeout(message, request_id=request_id if sent else None) from exc
-            if not sent:
-                raise  # the run never left: there is nothing to resume
-            if fallback == "resume" and request_id:
-                logger.info("blocking run %s cut short (%s); waiting for it by its id", request_id, exc)
-                return _output(self._poll_for_record(request_id, deadline), request_id)
-            if fallback == "rerun":
-                logger.warning("blocking run of %s cut short (%s); starting it again", service_id, exc)
-                started = self.start(service_id, inputs, path=path)
-                record = self._wait_for_record(started.request_id, deadline, on_log)
-                return _output(record, started.request_id)
-            raise
+        except _CutShort as cut:
+            if _passed(plan.deadline):
+                raise _run_timeout(plan.service_id, plan.request_id) from cut.error
+            if plan.fallback == "resume" and plan.request_id:
+                logger.info("blocking run %s cut short (%s); waiting for it by its id", plan.request_id, cut.error)
+                return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
+            if plan.fallback != "rerun":
+                raise cut.error from cut.__cause__
+            logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, cut.error)
+            if plan.follower is not None:  # only the run whose output is returned streams its logs
+                plan.follower.finish(drain=False)
+                plan.follower = None
+            url_path = _service_path("run_async", plan.service_id, plan.path)
+            plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit).request_id
+            if plan.on_log is not None:
+                plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
+            return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
         return _output_of(response)
 
     def start(self, service_id: str, inputs: Optional[Mapping[str, Any]] = None, *, path: str = "") -> Run:
         """Start a workflow in the background (POST /run_async) and return its Run."""
-        url_path = _service_path("run_async", service_id, path)
-        body = _encode_inputs(inputs)
-        response = self._request("POST", url_path, body=body, deadline=self._deadline(None), resend=False)
+        return self._start(_service_path("run_async", service_id, path), _encode_inputs(inputs), self._deadline(None))
+
+    def _start(self, url_path: str, body: bytes, deadline: float, admit: Optional[Callable[[], None]] = None) -> Run:
+        response = self._request("POST", url_path, body=body, deadline=deadline, kind=_START, admit=admit)
         return Run(self, _request_id_in(response))
 
     def provision(self) -> str:
@@ -442,16 +499,18 @@ class Client:
         ``(index, output)`` pairs as runs finish. The first failure stops the map and is raised
         (after the outputs before it), unless ``return_exceptions`` puts it in place of its
         output. Each item is a ``run()`` with its fallback and ``timeout``; ``on_progress(done,
-        total)`` is called as runs finish (total is None when ``inputs`` has no length).
+        total)`` is called as runs finish (total is None when ``inputs`` has no length). After
+        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on.
         """
         _service_path("run", service_id, path)  # bad names fail here, not in every worker
         if self._one_time_key():
-            raise ConfigurationError("map sends a request an item, and a one-time key allows one")
+            raise ConfigurationError(_ONE_REQUEST.format("map sends a request an item"))
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ConfigurationError(f"max_workers must be a whole number >= 1, not {max_workers!r}")
         if timeout is not None:
             _check_seconds("timeout", timeout)
-        fallback = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
+        if fallback is not _CLIENT_DEFAULT:
+            _check_fallback(fallback)
         total = len(inputs) if isinstance(inputs, collections.abc.Sized) else None
         options = {"path": path, "timeout": timeout, "fallback": fallback}
         return self._map(service_id, inputs, options, max_workers, ordered, return_exceptions, on_progress, total)
@@ -469,77 +528,68 @@ class Client:
     ) -> Iterator[Any]:
         import concurrent.futures  # map() alone needs it, and it would cost more than the rest of the import
 
+        gate = _MapGate()
         items = enumerate(inputs)
-        window = 2 * max_workers  # runs in flight, queued, or finished and waiting for their turn
-        pending: Dict[concurrent.futures.Future[Any], int] = {}
-        finished: Dict[int, Any] = {}
-        in_flight: Dict[int, Optional[str]] = {}  # index -> request id, to say what goes on after a Ctrl-C
-        next_index, done, reading = 0, 0, True
-        failed_at: Optional[int] = None
-        failure: Optional[BaseException] = None
+        window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
+        counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
+        done, reading = 0, True
         pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="codewords-map")
         try:
             while True:
-                while reading and len(pending) + len(finished) < window:
-                    try:
-                        index, item = next(items)
-                    except StopIteration:
+                while reading and len(window) < 2 * max_workers:
+                    item = next(items, None)
+                    if item is None:
                         reading = False
-                        break
-                    pending[pool.submit(self._map_item, service_id, item, options, index, in_flight)] = index
-                if not pending and not finished:
+                    else:
+                        window[pool.submit(self._map_item, service_id, item[1], options, item[0], gate)] = item[0]
+                if not window:
                     return
-                if pending:
-                    completed, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                    for future in completed:
-                        index = pending.pop(future)
-                        if future.cancelled():
-                            continue
-                        done += 1
-                        error = future.exception()
-                        if error is None or return_exceptions:
-                            finished[index] = error if error is not None else future.result()
-                        elif failed_at is None or index < failed_at:
-                            failed_at, failure, reading = index, error, False
-                            for other, other_index in pending.items():
-                                if other_index > index:
-                                    other.cancel()  # those not started yet
-                    if on_progress is not None:
-                        on_progress(done, total)
-                if ordered:
-                    while next_index in finished:
-                        yield finished.pop(next_index)
-                        next_index += 1
-                    if next_index == failed_at:
-                        raise failure  # type: ignore[misc]
-                else:
-                    while finished:
-                        index = next(iter(finished))
-                        yield index, finished.pop(index)
-                    if failure is not None:
-                        raise failure
+                running = [f for f in window if f not in counted]  # waiting on a finished one would spin
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    counted.add(future)
+                    if future.cancelled():
+                        continue
+                    done += 1
+                    if future.exception() is not None and not return_exceptions:
+                        reading = False  # the map stops at this failure: cancel what comes after it
+                        for later, index in window.items():
+                            if index > window[future]:
+                                later.cancel()
+                if on_progress is not None:
+                    on_progress(done, total)
+                ready = itertools.takewhile(counted.__contains__, window) if ordered else list(finished)
+                for future in list(ready):
+                    index = window.pop(future)
+                    counted.discard(future)
+                    if future.cancelled():
+                        continue
+                    error = future.exception()
+                    if error is not None and not return_exceptions:
+                        raise error
+                    output = error if error is not None else future.result()
+                    yield output if ordered else (index, output)
         except KeyboardInterrupt:
-            going_on = ", ".join(f"item {i} ({r or 'no request id'})" for i, r in sorted(dict(in_flight).items()))
-            message = f"map of {service_id} interrupted; runs that go on: {going_on or 'none'}"
+            going_on = gate.stop()
+            listed = ", ".join(f"item {i} ({r or 'no request id'})" for i, r in going_on)
+            message = f"map of {service_id} interrupted; runs that go on: {listed or 'none'}; no other run is sent"
             logger.warning(message)
             raise KeyboardInterrupt(message) from None
         finally:
-            for future in pending:
+            gate.stop()
+            for future in window:
                 future.cancel()
             pool.shutdown(wait=False)
 
-    def _map_item(
-        self, service_id: str, item: Any, options: Dict[str, Any], index: int, in_flight: Dict[int, Optional[str]]
-    ) -> Any:
-        """One item of a map: a run under a request id known in advance, when one can be had."""
-        request_id = None
-        if options["fallback"] == "resume" and not self._one_time_key():
-            request_id = self._provision(self._deadline(options["timeout"]))
-        in_flight[index] = request_id
+    def _map_item(self, service_id: str, item: Any, options: Dict[str, Any], index: int, gate: _MapGate) -> Any:
+        """One item of a map: a run planned and sent unless the map has stopped."""
+        plan = self._plan_run(service_id, item, options["path"], options["timeout"], options["fallback"], None, None)
+        plan.admit = lambda: gate.admit(index, plan.request_id)
+        gate.check()
         try:
-            return self.run(service_id, item, request_id=request_id, **options)
+            return self._run(plan)
         finally:
-            del in_flight[index]
+            gate.finished(index)
 
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""
@@ -653,36 +703,52 @@ class Client:
     # -- the machinery ----------------------------------------------------------------------
 
     def _provision(self, deadline: float) -> Optional[str]:
-        """A request id from POST /provision-request, or None if the server would not give one."""
+        """A request id for a run, or None if the API says it does not offer them (404, 405, 501).
+
+        Any other failure is raised: a run sent without an id would meet the same network.
+        """
         try:
             return _request_id_in(self._request("POST", "/provision-request", deadline=deadline))
-        except AuthenticationError:
-            raise
-        except CodewordsError as exc:
-            logger.warning("could not provision a request id (%s); a 504 will not be resumable", exc)
+        except AuthenticationError as exc:
+            raise AuthenticationError(
+                f"the API key was refused ({exc.status_code}): {_describe(exc.detail)}",
+                status_code=exc.status_code,
+                detail=exc.detail,
+                body=exc.body,
+            ) from None
+        except APIConnectionError as exc:  # the run has not been sent: say so, not which call failed
+            raise type(exc)(f"the run was not sent: provisioning its request id failed: {exc}") from exc
+        except APIStatusError as exc:
+            if exc.status_code not in (404, 405, 501):
+                raise
+            logger.warning("the API offers no request ids (%s); a 504 will not be resumable", exc)
             return None
 
     def _wait_for_record(
         self, request_id: str, deadline: float, on_log: Optional[Callable[[LogEntry], Any]] = None
     ) -> Dict[str, Any]:
-        """Long-poll GET /result until the run finishes and return its record, streaming its logs."""
-        if on_log is None:
-            return self._poll_for_record(request_id, deadline)
-        if self._one_time_key():
-            raise ConfigurationError("on_log needs requests of its own, and a one-time key allows one")
-        follower = _LogFollower(self, request_id, on_log)
+        """Long-poll GET /result until the run finishes and return its record, streaming its logs.
+
+        Ctrl-C raises KeyboardInterrupt saying how to pick the run up.
+        """
+        if on_log is not None and self._one_time_key():
+            raise ConfigurationError(_ONE_REQUEST.format("on_log streams logs"))
+        follower = _LogFollower(self, request_id, on_log) if on_log is not None else None
+        interrupted = False
         try:
             return self._poll_for_record(request_id, deadline)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise KeyboardInterrupt(_interrupted("wait", request_id)) from None
         finally:
-            follower.finish()
+            if follower is not None:
+                follower.finish(drain=not interrupted)
 
     def _poll_for_record(self, request_id: str, deadline: float) -> Dict[str, Any]:
         backoff = POLL_BACKOFF[0]
+        one_time = self._one_time_key()
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RunTimeout(f"run {request_id} did not finish before the deadline", request_id=request_id)
-            hold = min(LONG_POLL_MAX, max(1, math.ceil(left)))
+            hold = min(LONG_POLL_MAX, max(1, math.ceil(deadline - time.monotonic())))
             asked = time.monotonic()
             try:
                 response = self._request(
@@ -694,13 +760,17 @@ class Client:
                     not_yet=(408, 504),
                 )
             except APIConnectionError as exc:
-                if time.monotonic() >= deadline:
-                    raise RunTimeout(
-                        f"run {request_id} did not finish before the deadline", request_id=request_id
-                    ) from exc
+                if _passed(deadline):
+                    raise _run_timeout(None, request_id) from exc
                 raise
             if response.status_code < 300:
-                return _record_in(response, request_id)
+                record = _record_in(response, request_id)
+                if _finished(record):
+                    return record
+            if one_time:
+                raise _run_timeout(None, request_id, "the one poll a one-time key allows")
+            if _passed(deadline):
+                raise _run_timeout(None, request_id)
             if time.monotonic() - asked >= HELD_POLL_MIN:
                 backoff = POLL_BACKOFF[0]
                 continue
@@ -717,56 +787,123 @@ class Client:
         body: Optional[bytes] = None,
         headers: Optional[Dict[str, str]] = None,
         read_timeout: float = QUICK_READ_TIMEOUT,
-        resend: bool = True,
+        kind: str = "",
         request_id: Optional[str] = None,
         not_yet: Tuple[int, ...] = (),
         stream: bool = False,
+        admit: Optional[Callable[[], None]] = None,
     ) -> requests.Response:
-        """Send one API call, retry it while that is safe, and return a 2xx or ``not_yet`` answer.
+        """Send one API call, send it again while that is safe, and return a 2xx or ``not_yet`` answer.
 
-        ``resend=False`` marks a call that must not be sent twice once it may have reached the
-        workflow: it is retried only when nothing was sent, or the server turned it away (429, 503).
+        ``kind`` is _RUN for POST /run and _START for POST /run_async, the calls that start a
+        workflow (see ``_judge``). ``admit`` is called before each send of one, and may refuse it.
         """
         all_headers = self._headers()
         if headers:
             all_headers.update(headers)
         retries = 0 if self._one_time_key() else self.max_retries
-        is_run = not resend  # the calls a limit on concurrent executions counts
+        starts_a_run = kind in (_RUN, _START)  # the calls a limit on concurrent executions counts
         attempt = 0
         while True:
-            if not self._gate.enter(deadline, is_run):
-                raise APITimeoutError(f"{method} {_strip_query(url_path)}: deadline passed", request_id=request_id)
-            left = deadline - time.monotonic()
-            cause: Optional[BaseException] = None
-            succeeded = False
+            if not self._gate.enter(deadline, starts_a_run):
+                raise APITimeoutError(f"{method} {_strip_query(url_path)}: the deadline passed", request_id=request_id)
+            answered = False
             try:
-                timeout = (min(self.connect_timeout, left), min(read_timeout, left))
-                response = self._send(method, self.base_url + url_path, body, all_headers, timeout, stream)
-            except requests.RequestException as exc:
-                cause = exc
-                error: CodewordsError = _connection_error(method, url_path, exc, request_id)
-                retryable = _nothing_sent(exc) or (resend and _is_transport_failure(exc))
-                wait = _backoff(attempt)
-            else:
-                status = response.status_code
-                if status < 300 or status in not_yet:
-                    succeeded = True
-                    return response
-                error = self._status_error(method, url_path, response, request_id)
-                from_workflow = response.headers.get("Error-Origin") == "service"
-                retryable = not from_workflow and (status in (429, 503) or (resend and status in (500, 502, 504)))
-                retry_after = _retry_after(response)
-                wait = _backoff(attempt) if retry_after is None else retry_after
-                if status == 429 and not from_workflow:
-                    self._gate.slow_down(wait, is_run)  # every thread waits it out, in gate.enter()
+                timeout = _timeouts(deadline, self.connect_timeout, read_timeout)
+                if timeout is None:
+                    raise APITimeoutError(
+                        f"{method} {_strip_query(url_path)}: the deadline passed", request_id=request_id
+                    )
+                if admit is not None:
+                    admit()
+                outcome: Union[requests.Response, requests.RequestException]
+                try:
+                    outcome = self._send(method, url_path, body, all_headers, timeout, stream, deadline)
+                except requests.RequestException as exc:
+                    outcome = exc
+                error, then, wait = self._judge(method, url_path, outcome, kind, request_id, not_yet, attempt)
+                answered = error is None
+                if then in (_ASK, _CHECK) and request_id is not None and isinstance(error, APIStatusError):
+                    self._raise_if_started(error, request_id, deadline)  # asked before the pause below
+                if isinstance(error, RateLimitError):
+                    self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
             finally:
-                self._gate.leave(is_run, succeeded)
-            if not retryable or attempt == retries or time.monotonic() + wait >= deadline:
+                self._gate.leave(starts_a_run, answered)
+            if error is None:
+                return outcome  # type: ignore[return-value]
+            cause = outcome if isinstance(outcome, BaseException) else None
+            if then == _CUT:
+                raise _CutShort(error) from cause
+            if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
+                raise error from cause  # a run that may have started, or that cannot be told apart
+            if attempt == retries or time.monotonic() + wait >= deadline:
                 raise error from cause
             attempt += 1
             logger.info("%s %s failed (%s); retry %d of %d", method, _strip_query(url_path), error, attempt, retries)
             if not isinstance(error, RateLimitError):
                 time.sleep(wait)
+
+    def _judge(
+        self,
+        method: str,
+        url_path: str,
+        outcome: Union[requests.Response, requests.RequestException],
+        kind: str,
+        request_id: Optional[str],
+        not_yet: Tuple[int, ...],
+        attempt: int,
+    ) -> Tuple[Optional[CodewordsError], str, float]:
+        """What an answer or a failure means: (the error or None, what to do next, seconds to wait).
+
+        Any call may be sent again if it never left. A call that starts no run may be sent again
+        after any failure that may pass. POST /run_async answers before its run starts, so its
+        429 and 503 may be sent again. POST /run may be sent again only when its run is known
+        not to have started: a 429 or 503 not marked as the workflow's is _ASK (the record
+        says whether it started), other 4xx are _CHECK (the record says whose answer it was),
+        and a 504 from the gateway or a read timeout is _CUT (it was sent; it may go on).
+        """
+        if isinstance(outcome, requests.RequestException):
+            error: CodewordsError = _connection_error(method, url_path, outcome, request_id)
+            if _nothing_sent(outcome) or (not kind and _is_transport_failure(outcome)):
+                return error, _RESEND, _backoff(attempt)
+            if kind == _RUN and isinstance(outcome, requests.ReadTimeout):
+                return error, _CUT, 0.0
+            return error, _RAISE, 0.0
+        status = outcome.status_code
+        if status < 300 or status in not_yet:
+            return None, "", 0.0
+        error = self._status_error(method, url_path, outcome, request_id)
+        retry_after = _retry_after(outcome)
+        wait = _backoff(attempt) if retry_after is None else retry_after
+        if isinstance(error, RunFailed):
+            return error, _RAISE, 0.0
+        if kind == _RUN and status == 504:
+            return error, _CUT, 0.0
+        if status in (429, 503):
+            return error, _ASK if kind == _RUN else _RESEND, wait
+        if kind == _RUN and status < 500 and status not in (401, 403):
+            return error, _CHECK, 0.0
+        if not kind and status in (500, 502, 504):
+            return error, _RESEND, wait
+        return error, _RAISE, 0.0
+
+    def _raise_if_started(self, error: APIStatusError, request_id: str, deadline: float) -> None:
+        """After an error answer to POST /run with no Error-Origin: raise it as the workflow's
+        (RunFailed) if the run had started, or as it is if that cannot be known; return if not."""
+        try:
+            response = self._request("GET", f"/request/{request_id}", deadline=deadline, request_id=request_id)
+            record = _record_in(response, request_id)
+        except CodewordsError:
+            raise error from None
+        if record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None:
+            raise RunFailed(
+                f"{error} (the workflow's own answer: the run had started)",
+                status_code=error.status_code,
+                detail=error.detail,
+                body=error.body,
+                request_id=request_id,
+                record=record,
+            )
 
     def _headers(self) -> Dict[str, str]:
         """The headers of every API call, with the key read now if it was not given."""
@@ -791,17 +928,22 @@ class Client:
     def _send(
         self,
         method: str,
-        url: str,
+        url_path: str,
         body: Optional[bytes],
         headers: Dict[str, str],
         timeout: Tuple[float, float],
         stream: bool,
+        deadline: float,
     ) -> requests.Response:
-        """One HTTP exchange: through a session given to the client, as it is set up but for
-        its credentials, or else straight through the client's requests adapter, which skips the
-        session's per-call merging of settings, cookies and environment (a fifth of a call's
-        time on loopback)."""
+        """One HTTP exchange, its whole answer read by the deadline (its headers, if streamed).
+
+        It goes through a session given to the client, as it is set up but for its credentials
+        (and whose reads the timeout bounds one by one), or else straight through the client's
+        requests adapter, which skips the session's per-call merging of settings, cookies and
+        environment (a fifth of a call's time on loopback), watched by the watchdog.
+        """
         self._check_open()
+        url = self.base_url + url_path
         if self._given_session is not None:
             response = self._given_session.request(
                 method,
@@ -813,14 +955,24 @@ class Client:
                 stream=stream,
                 auth=_BearerAuth(headers["Authorization"]),  # or ~/.netrc and session.auth would replace the key
             )
-        else:
-            prepared = requests.PreparedRequest()
-            prepared.prepare(method=method, url=url, headers=headers, data=body)
+            if not stream:
+                _check_complete(response)
+            return response
+        prepared = requests.PreparedRequest()
+        prepared.prepare(method=method, url=url, headers=headers, data=body)
+        watch = _WATCHDOG.watch(deadline)
+        try:
             response = self._pool.send(
                 prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
             )
-        if not stream:
-            _check_complete(response)
+            if not stream:
+                _check_complete(response)
+        except requests.RequestException as exc:
+            if watch.fired:
+                raise requests.ReadTimeout(f"the deadline passed before the whole answer came ({exc})") from exc
+            raise
+        finally:
+            _WATCHDOG.release(watch)
         return response
 
     def _status_error(
@@ -840,8 +992,8 @@ class Client:
         if request_id:
             message += f" (request {request_id})"
         cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
-        if status == 504 and response.headers.get("Error-Origin") == "service":
-            cls = ServerError  # the workflow's own 504, not the gateway giving up
+        if response.headers.get("Error-Origin") == "service":
+            cls = RunFailed  # the workflow's own answer, not the API's
         error = cls(message, status_code=status, detail=detail, body=body, request_id=request_id)
         if isinstance(error, RateLimitError):
             error.retry_after = _retry_after(response)
@@ -1102,7 +1254,7 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
         message = f"run {request_id} failed with status {status}"
         if detail not in (None, ""):
             message += ": " + _describe(detail)
-        raise RunFailed(message, request_id=request_id, record=record, status_code=status, detail=detail)
+        raise RunFailed(message, status_code=status, detail=detail, body=output, request_id=request_id, record=record)
     return output
 
 
@@ -1208,6 +1360,231 @@ def _without_query(url: str) -> str:
     """A URL without its query, which for a presigned URL holds the signature."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+# -- runs ----------------------------------------------------------------------------------------
+
+_RUN, _START = "run", "start"  # the kinds of call that start a workflow: POST /run, POST /run_async
+# What _judge says to do after a failure: send again, raise, ask the record whether the run
+# started (send again if not), ask it whose answer it was (raise either way), or fall back.
+_RESEND, _RAISE, _ASK, _CHECK, _CUT = "resend", "raise", "ask", "check", "cut"
+_ONE_REQUEST = "{}, and a one-time key allows one request"
+_TIMEOUT_MIN = 0.001  # a deadline closer than this has passed: requests refuses a timeout of 0
+
+
+class _RunPlan:
+    """What one blocking run will do, decided before anything is sent."""
+
+    def __init__(
+        self,
+        service_id: str,
+        path: str,
+        url_path: str,
+        body: bytes,
+        fallback: Optional[str],
+        deadline: float,
+        request_id: Optional[str],
+        provision: bool,
+        on_log: Optional[Callable[[LogEntry], Any]],
+    ) -> None:
+        self.service_id, self.path, self.url_path, self.body = service_id, path, url_path, body
+        self.fallback, self.deadline, self.request_id = fallback, deadline, request_id
+        self.provision = provision  # a request id is to be provisioned before the run is sent
+        self.on_log = on_log
+        self.admit: Optional[Callable[[], None]] = None  # called before each send: map's stop
+        self.follower: Optional[_LogFollower] = None  # streaming the logs of the run sent
+
+
+class _CutShort(Exception):
+    """POST /run left, and its answer was lost (a 504 from the gateway, a read timeout): the
+    run may go on. Raised by _request, caught by _run, never seen by a caller."""
+
+    def __init__(self, error: CodewordsError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _MapGate:
+    """What a map's threads share: whether it has stopped, and which of its runs have been sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._sent: Dict[int, Optional[str]] = {}  # item index -> request id, while the run goes on
+
+    def check(self) -> None:
+        if self._stopped:
+            raise CodewordsError("not sent: the map has stopped")
+
+    def admit(self, index: int, request_id: Optional[str]) -> None:
+        """Let a run of the map be sent, unless the map has stopped."""
+        with self._lock:
+            self.check()
+            self._sent[index] = request_id
+
+    def finished(self, index: int) -> None:
+        with self._lock:
+            self._sent.pop(index, None)
+
+    def stop(self) -> List[Tuple[int, Optional[str]]]:
+        """Let no more runs be sent; the runs that were sent and go on, by item index."""
+        with self._lock:
+            self._stopped = True
+            return sorted(self._sent.items())
+
+
+def _timeouts(deadline: float, connect: float, read: float) -> Optional[Tuple[float, float]]:
+    """The (connect, read) timeouts of a call, cut to what is left before its deadline; None if
+    it has passed."""
+    left = deadline - time.monotonic()
+    return None if left < _TIMEOUT_MIN else (min(connect, left), min(read, left))
+
+
+def _passed(deadline: float) -> bool:
+    """Whether a deadline has passed, or is too close for one more request (see _timeouts)."""
+    return deadline - time.monotonic() < _TIMEOUT_MIN
+
+
+def _finished(record: Dict[str, Any]) -> bool:
+    return bool(record.get("completedAt")) or record.get("responseStatus") is not None
+
+
+def _pick_up(request_id: str) -> str:
+    return f'pick it up with client.result("{request_id}")'
+
+
+def _run_timeout(service_id: Optional[str], request_id: Optional[str], what: str = "its deadline") -> RunTimeout:
+    """A RunTimeout that says how to pick the run up, if it can be."""
+    run = " ".join(filter(None, ["run", request_id, service_id and "of " + service_id]))
+    if request_id is None:
+        message = f"{run} passed {what}; it was sent without a request id, so it cannot be picked up"
+    else:
+        message = f"{run} did not finish before {what}; it may still finish: {_pick_up(request_id)}"
+    return RunTimeout(message, request_id=request_id)
+
+
+def _interrupted(what: str, request_id: Optional[str]) -> str:
+    """The message of a KeyboardInterrupt during a run or a wait."""
+    if request_id is None:
+        return f"{what} interrupted; a run sent without a request id cannot be picked up"
+    return f"{what} interrupted; run {request_id} goes on if it was sent: {_pick_up(request_id)}"
+
+
+# -- deadlines -----------------------------------------------------------------------------------
+
+
+class _Watch:
+    """One call watched by the watchdog, with the connection it uses once it has one."""
+
+    __slots__ = ("connection", "deadline", "fired", "live")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.connection: Any = None
+        self.fired = False
+        self.live = True
+
+    def __lt__(self, other: _Watch) -> bool:
+        return self.deadline < other.deadline
+
+
+class _Watchdog:
+    """Shuts the socket of a call whose deadline has passed, so that a deadline bounds the whole
+    answer: requests' read timeout bounds each read, and a server that trickles its answer a
+    byte at a time would hold a call for ever. One thread for every client, asleep until the
+    earliest deadline watched."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._heap: List[_Watch] = []
+        self._live = 0
+        self._thread: Optional[threading.Thread] = None
+        self._current = threading.local()  # the watch of the call this thread is making
+
+    def watch(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        with self._changed:
+            heapq.heappush(self._heap, watch)
+            self._live += 1
+            if self._heap[0] is watch:  # the thread sleeps until a later deadline: wake it
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._guard, name="codewords-deadlines", daemon=True)
+                    self._thread.start()
+                self._changed.notify()
+        self._current.watch = watch
+        return watch
+
+    def attach(self, connection: Any) -> Any:
+        """Note the connection that this thread's call has just taken from its pool."""
+        watch = getattr(self._current, "watch", None)
+        if watch is not None:
+            watch.connection = connection
+        return connection
+
+    def release(self, watch: _Watch) -> None:
+        self._current.watch = None
+        with self._changed:
+            watch.live = False
+            self._live -= 1
+            if len(self._heap) > 2 * self._live + 64:  # drop the finished calls now and then
+                self._heap = [w for w in self._heap if w.live]
+                heapq.heapify(self._heap)
+
+    def forget_after_fork(self) -> None:
+        """The thread does not survive a fork: a child starts afresh."""
+        self.__init__()  # type: ignore[misc]
+
+    def _guard(self) -> None:
+        with self._changed:
+            while True:
+                while self._heap and not self._heap[0].live:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._changed.wait()
+                    continue
+                left = self._heap[0].deadline - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                watch = heapq.heappop(self._heap)
+                watch.fired = True
+                sock = getattr(watch.connection, "sock", None)
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # a blocked recv() returns at once
+                    except OSError:
+                        pass  # already closed
+
+
+_WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHDOG.forget_after_fork)
+
+
+class _WatchedPool(urllib3.HTTPConnectionPool):
+    def _get_conn(self, timeout: Optional[float] = None) -> Any:
+        return _WATCHDOG.attach(super()._get_conn(timeout))
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    def _get_conn(self, timeout: Optional[float] = None) -> Any:
+        return _WATCHDOG.attach(super()._get_conn(timeout))
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, with pools that tell the watchdog which connection a call uses."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
+_WATCHED_POOLS = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
 
 
 # -- rate limits -------------------------------------------------------------------------------
@@ -1838,7 +2215,7 @@ def _cli_failure(error: Exception) -> Tuple[int, str]:
         message += f" (request {request_id})"
     if isinstance(error, RunTimeout):
         if request_id:
-            message += f"; it may still finish: codewords-lite result {request_id}"
+            message = f"run {request_id} passed its deadline; it may still finish: codewords-lite result {request_id}"
         return EXIT_DEADLINE, message
     if isinstance(error, CodewordsError) and not isinstance(error, ConfigurationError):
         return EXIT_FAILED, message
@@ -1876,8 +2253,7 @@ def _cli_parser(argparse: Any) -> Any:
     run.add_argument(
         "--fallback",
         choices=["resume", "rerun", "off"],
-        default="resume",
-        help="what to do when the gateway gives up (default resume)",
+        help="what to do when the gateway gives up (default resume; off with a one-time key)",
     )
     start = command("start", _cli_start, "start a workflow in the background and print its request id")
     inputs_arguments(start)
@@ -1898,21 +2274,13 @@ def _cli_parser(argparse: Any) -> Any:
 
 def _cli_run(client: Client, args: Any, status: _Status) -> Any:
     inputs = _cli_inputs(args)
-    _service_path("run", args.service_id, args.path)  # bad names fail before the provision
-    fallback = None if args.fallback == "off" else args.fallback
+    fallback = {None: _CLIENT_DEFAULT, "off": None}.get(args.fallback, args.fallback)
     on_log = status.log_printer(args.logs)
-    if on_log is not None or fallback == "resume":
-        status.request_id = client.provision()  # known now, so that an interrupted wait can be resumed
+    plan = client._plan_run(args.service_id, inputs, args.path, args.timeout, fallback, on_log, None)
+    client._claim_id(plan)  # the request id is known now, so that an interrupted wait can be resumed
+    status.request_id = plan.request_id
     with status.showing(status.wait_line()):
-        return client.run(
-            args.service_id,
-            inputs,
-            path=args.path,
-            timeout=args.timeout,
-            fallback=fallback,
-            on_log=on_log,
-            request_id=status.request_id,
-        )
+        return client._run(plan)
 
 
 def _cli_start(client: Client, args: Any, status: _Status) -> Any:

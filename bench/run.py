@@ -2,6 +2,7 @@
 
     pip install '.[bench]' && python bench/run.py            # a few minutes
     python bench/run.py --quick                               # a smoke run: fewer rounds, smaller files
+    python bench/run.py --only 1 5 7                          # some sections only
 
 Everything talks to the emulator (tests/fake_runtime.py), which runs in a process of its own on
 127.0.0.1 so that it does not share a GIL with the client measured. Contenders take turns
@@ -20,8 +21,10 @@ import logging
 import math
 import os
 import platform
+import queue
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -502,6 +505,96 @@ def _check(outputs: Any, expected: List[Any]) -> None:
     assert list(outputs) == expected
 
 
+# -- 7. over a link with 20 ms of round trip ---------------------------------------------------
+
+
+class DelayingProxy:
+    """A TCP proxy on 127.0.0.1 that holds every chunk ``rtt / 2`` seconds each way, as a
+    network with that round-trip time would (latency only: no loss, no bandwidth limit)."""
+
+    def __init__(self, target: str, rtt: float) -> None:
+        self._target = tuple(target.split("//")[1].split(":"))
+        self._delay = rtt / 2
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            far = socket.create_connection((self._target[0], int(self._target[1])))
+            for sock in (near, far):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._pipe(near, far)
+            self._pipe(far, near)
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        chunks: queue.Queue[Tuple[float, bytes]] = queue.Queue()
+
+        def read() -> None:
+            while True:
+                try:
+                    data = source.recv(65536)
+                except OSError:
+                    data = b""
+                chunks.put((time.monotonic() + self._delay, data))
+                if not data:
+                    return
+
+        def write() -> None:
+            while True:
+                due, data = chunks.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    if not data:
+                        sink.shutdown(socket.SHUT_WR)
+                        return
+                    sink.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def over_a_link(emulator: Emulator, rounds: int, rtt: float, seconds: float) -> None:
+    print(f"\n7. A {seconds * 1e3:.0f} ms workflow over a link with {rtt * 1e3:.0f} ms of round trip ({rounds} each)")
+    proxy = DelayingProxy(emulator.url, rtt)
+    key, url = emulator.api_key, proxy.url
+    inputs = {"seconds": seconds}
+    session = requests.Session()
+    auth = {"Authorization": f"Bearer {key}"}
+    lean = cw.Client(key, base_url=url, fallback=None)
+    default = cw.Client(key, base_url=url)
+    contenders = {
+        "requests.Session().post": lambda: session.post(f"{url}/run/sleep", json=inputs, headers=auth).json(),
+        "codewords-lite, fallback=None": lambda: lean.run("sleep", inputs),
+        'codewords-lite, fallback="resume" (default)': lambda: default.run("sleep", inputs),
+    }
+    if codewords_client:
+        official = codewords_client.CodewordsClient(base_url=url, api_key=key)
+        contenders["codewords-client (official, sync)"] = lambda: official.run("sleep", inputs).json()
+    try:
+        medians = {name: statistics.median(times) for name, times in take_turns(contenders, rounds).items()}
+    finally:
+        proxy.close()
+    for name, median in medians.items():
+        row("20 ms link", name, f"{median * 1e3:7.1f} ms")
+    extra = medians['codewords-lite, fallback="resume" (default)'] - medians["codewords-lite, fallback=None"]
+    row(
+        "20 ms link",
+        "default - no-fallback (the provision)",
+        f"{extra * 1e3:7.1f} ms",
+        f"one round trip: {rtt * 1e3:.0f} ms",
+    )
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -527,8 +620,12 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer rounds, a smaller file")
+    parser.add_argument(
+        "--only", type=int, nargs="+", choices=range(1, 8), metavar="N", help="run only these sections (1 to 7)"
+    )
     args = parser.parse_args()
     quick = args.quick
+    wanted = set(args.only or range(1, 8))
     started = time.monotonic()
     print(machine())
     if not codewords_client:
@@ -537,12 +634,20 @@ def main() -> int:
             " pip install '.[bench]' brings it."
         )
     with Emulator() as emulator:
-        blocking_calls(emulator, rounds=100 if quick else 1500)
-        finish_delays(emulator, rounds=1 if quick else 5, seconds=1.5)
-        gateway_cuts(emulator, rounds=1 if quick else 2, duration=2.0 if quick else 3.0, gateway=1.0)
-        uploads(emulator, rounds=1 if quick else 2, size=(64 if quick else 1024) << 20)
-        threads(emulator, rounds=1 if quick else 5, calls=20 if quick else 60)
-    imports_and_sizes(rounds=5 if quick else 20)
+        if 1 in wanted:
+            blocking_calls(emulator, rounds=100 if quick else 1500)
+        if 2 in wanted:
+            finish_delays(emulator, rounds=1 if quick else 5, seconds=1.5)
+        if 3 in wanted:
+            gateway_cuts(emulator, rounds=1 if quick else 2, duration=2.0 if quick else 3.0, gateway=1.0)
+        if 4 in wanted:
+            uploads(emulator, rounds=1 if quick else 2, size=(64 if quick else 1024) << 20)
+        if 5 in wanted:
+            threads(emulator, rounds=1 if quick else 5, calls=20 if quick else 60)
+        if 7 in wanted:
+            over_a_link(emulator, rounds=5 if quick else 30, rtt=0.020, seconds=0.2)
+    if 6 in wanted:
+        imports_and_sizes(rounds=5 if quick else 20)
     print("\n| figure | contender | measured | goal |\n|---|---|---|---|")
     for figure, contender, value, goal in ROWS:
         print(f"| {figure} | {contender} | {value.strip()} | {goal} |")

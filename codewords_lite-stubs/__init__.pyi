@@ -99,24 +99,24 @@ class ServerError(APIStatusError):
 class GatewayTimeout(ServerError):
     """504 from the gateway on a blocking run that could not be resumed."""
 
-class RunFailed(CodewordsError):
-    """The workflow finished with a status of 400 or more; ``record`` is the request record."""
+class RunFailed(APIStatusError):
+    """The workflow itself answered with a status of 400 or more; ``record`` is the request
+    record when one is known. The API's own refusals keep their classes."""
 
     record: dict[str, Any] | None
-    status_code: int
-    detail: Any
     def __init__(
         self,
         message: str = "",
         *,
-        request_id: str | None = None,
-        record: dict[str, Any] | None = None,
         status_code: int = 0,
         detail: Any = None,
+        body: Any = None,
+        request_id: str | None = None,
+        record: dict[str, Any] | None = None,
     ) -> None: ...
 
 class RunTimeout(CodewordsError, TimeoutError):
-    """A deadline passed; the run may go on, and ``client.get_run(request_id)`` finds it."""
+    """A deadline passed; the run may go on, and ``client.result(request_id)`` picks it up."""
 
 class Run:
     """A run on the server, known by its request id: wait for it or check on it."""
@@ -138,8 +138,9 @@ class Client:
     """A connection to the CodeWords runtime; safe to share between threads.
 
     The API key is read when first needed, so making a client never fails for a missing key.
-    With a one-time key (``cwotk-``) every call sends exactly one request: no retries, no
-    provisioned id and no fallback, since the first request spends the key.
+    With a one-time key (``cwotk-``) every call sends exactly one request, since the first
+    request spends the key: no retries, no provisioned id, no fallback, no log stream, one
+    poll; a call that needs more (``on_log``, ``map``) is refused before anything is sent.
     """
 
     base_url: str
@@ -184,7 +185,7 @@ class Client:
         None raises GatewayTimeout or APITimeoutError. ``on_log`` is called with each log
         entry while the run goes on, from another thread. ``request_id``, from
         ``provision()``, names the run in advance, so that it can be found even if this
-        process dies while it waits.
+        process dies while it waits. A failure of the workflow itself raises RunFailed.
         """
     def start(self, service_id: str, inputs: Mapping[str, Any] | None = None, *, path: str = "") -> Run:
         """Start a workflow in the background (POST /run_async) and return its Run."""
@@ -210,7 +211,8 @@ class Client:
         ``(index, output)`` pairs as runs finish. The first failure stops the map and is raised
         (after the outputs before it), unless ``return_exceptions`` puts it in place of its
         output. Each item is a ``run()`` with its fallback and ``timeout``; ``on_progress(done,
-        total)`` is called as runs finish (total is None when ``inputs`` has no length).
+        total)`` is called as runs finish (total is None when ``inputs`` has no length). After
+        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on.
         """
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""

@@ -10,8 +10,9 @@ Or on its own, to try the client without an account (it prints the key and URL t
 It serves every endpoint that codewords_lite.py calls (provision, run, run_async, result, request,
 logs, file), runs a few test workflows (see SERVICES; add your own there), counts their executions,
 can play a gateway that answers 504 while the run goes on, and takes injected faults: status codes
-with Retry-After, dropped connections, slow answers and truncated bodies. A second server on another
-port plays the storage host that presigned upload URLs point to.
+with Retry-After, dropped connections, slow, trickled and truncated answers. One-time keys (cwotk-)
+are spent by the first request that carries them. A second server on another port plays the
+storage host that presigned upload URLs point to.
 
 ``FakeRuntime(workflows={"service-id": "http://127.0.0.1:PORT"})`` puts real workflows (FastAPI
 apps, see tests/workflows/) behind it: ``/run/{service}/{path}`` and ``/run_async/...`` are
@@ -75,6 +76,13 @@ def _fail(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     return int(inputs.get("status", 500)), {"detail": inputs.get("detail", "boom")}, "application/json"
 
 
+def _refuse(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    """Returns (does not raise) an error answer, as ``return JSONResponse(status_code=503)`` does:
+    it passes the gateway with no Error-Origin header, like the gateway's own refusals."""
+    log("refusing")
+    return int(inputs.get("status", 503)), {"detail": inputs.get("detail", "busy")}, "application/json"
+
+
 def _text(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     return 200, str(inputs.get("text", "hello")).encode(), "text/plain"
 
@@ -109,6 +117,7 @@ SERVICES = {
     "check": _check,
     "sleep": _sleep,
     "fail": _fail,
+    "refuse": _refuse,
     "text": _text,
     "empty": _empty,
     "echo-bytes": _echo_bytes,
@@ -116,6 +125,7 @@ SERVICES = {
     "script": _script,
 }
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "host"}
+RETURNED_ERRORS = {"refuse"}  # workflows whose error answers carry no Error-Origin header
 
 
 class Fault:
@@ -136,7 +146,11 @@ class Fault:
         headers: Optional[Dict[str, str]] = None,
         times: int = 1,
         cut_after: Optional[int] = None,
+        trickle: float = 0.0,
+        trickle_headers: bool = False,
     ) -> None:
+        self.trickle = trickle  # seconds between the bytes of the answer (its body, or all of it)
+        self.trickle_headers = trickle_headers
         self.method, self.path, self.times = method, path, times
         self.cut_after = cut_after  # for /logs: drop the stream in the middle of the entry after this many
         self.status, self.retry_after, self.drop, self.delay = status, retry_after, drop, delay
@@ -192,6 +206,7 @@ class FakeRuntime:
         self.uploads: Dict[str, Dict[str, Any]] = {}  # token -> size, sha256, headers, content (small ones)
         self.upload_headers: Optional[Dict[str, str]] = None  # answered by POST /file when set
         self.spent_keys: set = set()
+        self.one_time_keys: set = set()  # more keys, each good for one request
         self.lock = threading.Condition()
         self._servers = [_serve(self, _ApiHandler, port), _serve(self, _StorageHandler)]
         self.url = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
@@ -299,7 +314,7 @@ class FakeRuntime:
             status, output, content_type = SERVICES[service_id](request.inputs, log)
             body = json.dumps(output).encode() if content_type == "application/json" else output
             headers = {"Content-Type": content_type}
-            if status >= 400:  # as the exception handlers of the official package's service side do
+            if status >= 400 and service_id not in RETURNED_ERRORS:  # as the official package's handlers do
                 headers["Error-Origin"] = "service"
         with self.lock:
             self.answers[request_id] = (status, headers, body)
@@ -307,10 +322,17 @@ class FakeRuntime:
             self.running -= 1
             self.lock.notify_all()
 
+    def issue_one_time_key(self) -> str:
+        """A fresh one-time key: the first request that carries it spends it, as the runtime does."""
+        key = "cwotk-" + uuid.uuid4().hex
+        with self.lock:
+            self.one_time_keys.add(key)
+        return key
+
     def check_key(self, header: Optional[str]) -> bool:
         key = (header or "")[len("Bearer ") :] if (header or "").startswith("Bearer ") else header
         with self.lock:
-            if key != self.api_key or key in self.spent_keys:
+            if (key != self.api_key and key not in self.one_time_keys) or key in self.spent_keys:
                 return False
             if key.startswith("cwotk-"):
                 self.spent_keys.add(key)
@@ -412,6 +434,25 @@ class _Handler(BaseHTTPRequestHandler):
             return b""
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def trickle(self, fault: Fault) -> None:
+        """Answer a byte at a time, ``fault.trickle`` seconds apart: the headers too, if asked."""
+        body = fault.body if fault.body is not None else json.dumps({"detail": "trickled"}).encode()
+        head = (
+            f"HTTP/1.1 {fault.status or 200} OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        if not fault.trickle_headers:
+            self.wfile.write(head)
+            head = b""
+        try:
+            for i in range(len(head + body)):
+                self.wfile.write((head + body)[i : i + 1])
+                self.wfile.flush()
+                time.sleep(fault.trickle)
+        except OSError:
+            pass  # the client gave up
+        self.close_connection = True
+
     def drop(self) -> None:
         """Close the connection without a word, as a crashed gateway would."""
         self.close_connection = True
@@ -425,6 +466,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.drop:
             self.runtime.faults_applied["drop"] += 1
             self.drop()
+            return True
+        if fault.trickle:
+            self.runtime.faults_applied["trickle"] += 1
+            self.trickle(fault)
             return True
         if fault.truncate:
             self.runtime.faults_applied["truncate"] += 1

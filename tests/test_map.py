@@ -84,7 +84,7 @@ def test_an_unordered_map_raises_the_failure_when_it_comes(runtime, client):
 def test_return_exceptions_puts_the_error_in_place(runtime, client):
     items = [{"fail": f"bad {i}"} if i % 3 == 0 else {"i": i} for i in range(9)]
     outputs = list(client.map("check", items, max_workers=3, return_exceptions=True))
-    assert [type(o) for o in outputs[::3]] == [cw.APIStatusError] * 3
+    assert [type(o) for o in outputs[::3]] == [cw.RunFailed] * 3
     assert [o.detail for o in outputs[::3]] == ["bad 0", "bad 3", "bad 6"]
     assert [o for i, o in enumerate(outputs) if i % 3] == [items[i] for i in range(9) if i % 3]
     assert runtime.executions["check"] == 9
@@ -136,7 +136,7 @@ def test_workers_share_the_backoff_when_the_server_limits_concurrency(runtime, c
 
 def test_a_429_pauses_the_other_threads_too(runtime, client):
     runtime.fault("POST", "/run/", status=429, retry_after="1")
-    first = threading.Thread(target=client.run, args=("echo",), kwargs={"fallback": None})
+    first = threading.Thread(target=client.run, args=("echo",))  # a provisioned id: a 429 is resent
     first.start()
     waited = time.monotonic()
     while client._gate._pause_until <= time.monotonic():  # until the first thread has had its 429

@@ -114,7 +114,7 @@ def test_wait_polls_again_at_once_on_408_and_504_without_spending_retries(api, m
         ({"responseStatus": 200, "responseJson": False}, False),
         ({"responseStatus": 200}, None),
         ({"responseStatus": "201", "responseJson": 0}, 0),
-        ({"responseStatus": None, "responseJson": [1]}, [1]),
+        ({"completedAt": "2026-01-01T00:00:01Z", "responseStatus": None, "responseJson": [1]}, [1]),
     ],
 )
 def test_output_from_the_record(api, client, record, output):
@@ -182,12 +182,12 @@ def test_http_errors_map_to_classes_and_keep_the_detail(api, client, status, cls
     assert "the server's own words" in str(error) and str(status) in str(error)
 
 
-def test_the_workflows_own_504_is_a_server_error_not_a_gateway_timeout(api, client):
+def test_the_workflows_own_504_is_run_failed_not_a_gateway_timeout(api, client):
     api.post(f"{BASE}/provision-request", json={"request_id": "req_w"})
     api.post(f"{BASE}/run/svc", status=504, json={"detail": "upstream API slow"}, headers={"Error-Origin": "service"})
-    with pytest.raises(cw.ServerError) as info:
+    with pytest.raises(cw.RunFailed) as info:
         client.run("svc")
-    assert type(info.value) is cw.ServerError and info.value.request_id == "req_w"
+    assert info.value.request_id == "req_w" and info.value.status_code == 504
     assert len(api.calls) == 2  # no fallback: the workflow has answered
 
 
