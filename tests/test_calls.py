@@ -4,12 +4,14 @@ behaviour against the emulator; the same against real FastAPI workflows is in te
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
 import pytest
 import requests
 import responses
+from fake_runtime import FakeRuntime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -258,3 +260,175 @@ def test_the_command_line_writes_bytes_as_they_came(runtime):
 def test_the_command_line_takes_inputs_of_any_json_value(runtime):
     result = run_cli(runtime, "run", "echo", "[1, 2]")
     assert result.returncode == 0 and result.stdout == b"[1,2]\n"
+
+
+# -- 4. headers of your own ----------------------------------------------------------------------
+
+
+def test_headers_per_call_and_per_client_go_with_the_run(api):
+    """The official client sends X-Correlation-Id and Run-As-Template: yes; we could send neither."""
+    api.post(f"{BASE}/provision-request", json={"request_id": "req_1"})
+    api.post(f"{BASE}/run/svc", json={"ok": 1})
+    api.post(f"{BASE}/run_async/svc", json={"request_id": "req_2"})
+    with cw.Client(KEY, base_url=BASE, headers={"X-Correlation-Id": "client", "X-Team": "data"}) as client:
+        client.run("svc", headers={"x-correlation-id": "call", "Run-As-Template": "yes"})
+        client.start("svc")
+    provision, run, start = (call.request.headers for call in api.calls)
+    assert "X-Team" not in provision and "Run-As-Template" not in provision  # only the runs carry them
+    assert run["X-Correlation-Id"] == "call" and run["Run-As-Template"] == "yes" and run["X-Team"] == "data"
+    assert run["Authorization"] == f"Bearer {KEY}" and run["X-Provisioned-Request-Id"] == "req_1"
+    assert start["X-Correlation-Id"] == "client" and "Run-As-Template" not in start
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer cwk-other"},
+        {"authorization": "x"},
+        {"X-Provisioned-Request-Id": "req_9"},
+        {"content-length": "0"},
+        {"Host": "evil.example"},
+        {"X-Ok": "line\r\nX-Injected: 1"},
+        {"X-Ok": "snow ☃"},
+        {"X-Ok": 3},
+        {"Bad Name": "x"},
+        {"": "x"},
+        ["X-Ok", "x"],
+    ],
+)
+def test_headers_the_client_owns_or_http_cannot_carry_are_refused_before_anything_is_sent(runtime, client, headers):
+    for call in (
+        lambda: client.run("echo", headers=headers),
+        lambda: client.start("echo", headers=headers),
+        lambda: client.map("echo", [{}], headers=headers),
+        lambda: cw.Client(runtime.api_key, base_url=runtime.url, headers=headers),
+    ):
+        with pytest.raises(cw.ConfigurationError):
+            call()
+    assert runtime.calls == []
+
+
+def test_headers_go_with_every_item_of_a_map_and_with_a_rerun(runtime):
+    with cw.Client(runtime.api_key, base_url=runtime.url, headers={"X-Team": "data"}) as client:
+        assert list(client.map("echo", [{"n": 1}, {"n": 2}], headers={"X-Correlation-Id": "m"})) == [{"n": 1}, {"n": 2}]
+    runs = runtime.calls_to("POST", "/run/")
+    assert len(runs) == 2 and all(c["headers"]["X-Correlation-Id"] == "m" for c in runs)
+    assert all(c["headers"]["X-Team"] == "data" for c in runs)
+    with FakeRuntime(gateway_timeout=0.2) as slow_gateway:
+        with cw.Client(slow_gateway.api_key, base_url=slow_gateway.url, fallback="rerun") as client:
+            client.run("sleep", {"seconds": 0.4}, headers={"X-Correlation-Id": "again"})
+        (rerun,) = slow_gateway.calls_to("POST", "/run_async/")
+        assert rerun["headers"]["X-Correlation-Id"] == "again"
+
+
+def test_client_headers_travel_in_a_pickle():
+    client = cw.Client(KEY, base_url=BASE, headers={"X-Team": "data"})
+    assert pickle.loads(pickle.dumps(client)).headers == {"X-Team": "data"}
+
+
+# -- 5. GET endpoints ----------------------------------------------------------------------------
+
+
+def test_a_get_run_sends_the_inputs_as_query_parameters_and_no_body(api, lean):
+    """The official client can run(..., method="GET") for a workflow's read-only routes."""
+    api.get(f"{BASE}/run/svc/status", json={"ok": True})
+    inputs = {"tag": "a b&c=é", "n": 3, "verbose": True, "skip": None, "ids": [1, 2]}
+    assert lean.run("svc", inputs, path="status", method="get") == {"ok": True}
+    request = api.calls[0].request
+    assert request.method == "GET" and request.body is None
+    assert request.path_url == "/run/svc/status?tag=a%20b%26c%3D%C3%A9&n=3&verbose=true&ids=1&ids=2"
+
+
+@pytest.mark.parametrize(
+    "inputs, error",
+    [([1, 2], TypeError), ({"a": {"b": 1}}, TypeError), ({"a": float("nan")}, TypeError), ({1: "x"}, TypeError)],
+)
+def test_get_inputs_that_are_not_flat_are_refused(runtime, client, inputs, error):
+    with pytest.raises(error, match=r"query parameter|want a mapping"):
+        client.run("echo", inputs, method="GET")
+    assert runtime.calls == []
+
+
+@pytest.mark.parametrize("options", [{"method": "PUT"}, {"method": None}, {"method": "GET", "fallback": "rerun"}])
+def test_bad_methods_are_refused(runtime, client, options):
+    with pytest.raises(cw.ConfigurationError):
+        client.run("echo", **options)
+    assert runtime.calls == []
+
+
+def test_a_get_run_against_the_emulator(runtime, client):
+    assert client.run("echo", {"a": "1", "b": "x y"}, method="GET") == {"a": "1", "b": "x y"}
+    (call,) = runtime.calls_to("GET", "/run/")
+    assert call["body"] == b"" and "X-Provisioned-Request-Id" in call["headers"]
+
+
+# -- 6. same-origin redirects --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_307_or_308_on_the_same_origin_is_followed_with_method_body_and_headers(api, status):
+    """A FastAPI route defined with a trailing slash answers /run/svc with a redirect to /run/svc/."""
+    api.post(f"{BASE}/provision-request", json={"request_id": "req_1"})
+    api.post(f"{BASE}/run/svc/items", status=status, headers={"Location": f"{BASE}/run/svc/items/"})
+    api.post(f"{BASE}/run/svc/items/", json={"ok": 1})
+    with cw.Client(KEY, base_url=BASE, headers={"X-Team": "t"}) as client:
+        assert client.run("svc", {"a": 1}, path="items") == {"ok": 1}
+    first, second = api.calls[1].request, api.calls[2].request
+    assert second.method == "POST" and second.body == first.body == b'{"a":1}'
+    for name in ("Authorization", "X-Provisioned-Request-Id", "X-Team", "Content-Type"):
+        assert second.headers[name] == first.headers[name]
+
+
+def test_a_relative_location_is_followed(api, lean):
+    api.post(f"{BASE}/run/svc", status=307, headers={"Location": "/run/svc/"})
+    api.post(f"{BASE}/run/svc/", json=1)
+    assert lean.run("svc") == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_301_302_or_303_is_followed_for_a_get_only(api, lean, status):
+    api.get(f"{BASE}/run/svc/report", status=status, headers={"Location": f"{BASE}/run/svc/report/"})
+    api.get(f"{BASE}/run/svc/report/", json={"report": 1})
+    assert lean.run("svc", path="report", method="GET") == {"report": 1}
+    api.post(f"{BASE}/run/svc/make", status=status, headers={"Location": f"{BASE}/run/svc/make/"})
+    with pytest.raises(cw.APIStatusError, match=f"a {status} would turn the POST into a GET") as info:
+        lean.run("svc", {"a": 1}, path="make")
+    assert info.value.status_code == status
+    assert [c.request.method for c in api.calls] == ["GET", "GET", "POST"]
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://evil.example/run/svc/",
+        "https://runtime.example:8443/run/svc/",
+        "http://runtime.example/run/svc/",
+        "https://user:pw@runtime.example/run/svc/",
+        "//evil.example/run/svc/",
+        "https://runtime.example.evil.example/",
+    ],
+)
+def test_a_redirect_off_the_api_origin_is_refused_and_the_key_stays(api, lean, location):
+    api.post(f"{BASE}/run/svc", status=307, headers={"Location": location})
+    with pytest.raises(cw.APIStatusError, match="leaves the API's scheme, host and port") as info:
+        lean.run("svc")
+    assert info.value.status_code == 307
+    assert len(api.calls) == 1
+
+
+def test_a_redirect_loop_stops_after_five(api, lean):
+    api.post(f"{BASE}/run/svc/a", status=307, headers={"Location": f"{BASE}/run/svc/b"})
+    api.post(f"{BASE}/run/svc/b", status=307, headers={"Location": f"{BASE}/run/svc/a"})
+    with pytest.raises(cw.APIStatusError, match="more than 5 redirects"):
+        lean.run("svc", path="a")
+    assert len(api.calls) == 1 + cw.MAX_REDIRECTS
+
+
+def test_a_redirect_to_another_port_of_loopback_never_reaches_it(runtime, client):
+    with FakeRuntime(api_key=runtime.api_key) as elsewhere:
+        location = f"{elsewhere.url}/run/echo"
+        runtime.fault("POST", "/run/echo", status=307, headers={"Location": location})
+        with pytest.raises(cw.APIStatusError, match="leaves the API's scheme, host and port"):
+            client.run("echo")
+        assert elsewhere.calls == []
+    assert runtime.executions["echo"] == 0

@@ -167,14 +167,39 @@ def test_a_list_or_a_string_as_the_body(client):
 # -- redirects, the gateway's cut and files ------------------------------------------------------
 
 
-def test_a_trailing_slash_redirect_stays_on_the_runtime(runtime, client):
-    """FastAPI answers /slashed with a 307 to /slashed/; through the gateway it points back at the
-    runtime, on the same scheme, host and port."""
-    with pytest.raises(cw.APIStatusError) as info:
-        client.run("answers", {"a": 1}, path="slashed")
+def test_a_trailing_slash_redirect_is_followed_and_the_route_runs_once(runtime, client):
+    """FastAPI answers /slashed with a 307 to /slashed/, which through the gateway points back at
+    the runtime: the same scheme, host and port, so it is followed with the method and body."""
+    output = client.run("answers", {"a": 1}, path="slashed", headers={"X-Correlation-Id": "c-7"})
+    assert output == {"slashed": True, "method": "POST", "body": '{"a":1}'}
+    first, second = runtime.calls_to("POST", "/run/answers/slashed")
+    assert (first["path"], second["path"]) == ("/run/answers/slashed", "/run/answers/slashed/")
+    for name in ("X-Provisioned-Request-Id", "X-Correlation-Id", "Authorization"):
+        assert second["headers"][name] == first["headers"][name]
+    assert answers.app.state.runs == {"/slashed/": 1}
+
+
+def test_a_redirect_in_a_record_is_a_failure_not_an_empty_output(client):
+    """A background run cannot follow the 307 its record holds: it came back as None."""
+    with pytest.raises(cw.RunFailed, match="status 307") as info:
+        client.start("answers", {"a": 1}, path="slashed").wait()
     assert info.value.status_code == 307
-    assert f"{runtime.url}/run/answers/slashed/" in str(info.value)
-    assert answers.app.state.runs == {}
+
+
+def test_a_get_route_takes_its_inputs_as_query_parameters(client):
+    output = client.run("greeter", {"verbose": True, "tag": "a b&c"}, path="status", method="GET")
+    assert output == {"ok": True, "verbose": True, "tag": "a b&c"}
+    assert client.run("answers", {"day": "monday"}, path="report", method="GET") == {"report": "monday"}
+    with pytest.raises(cw.APIStatusError, match="405 Method Not Allowed"):  # FastAPI's, passed through
+        client.run("answers", path="report")
+
+
+def test_headers_of_your_own_reach_the_workflow(runtime, client):
+    output = client.run("greeter", path="headers", headers={"X-Correlation-Id": "c-1", "Run-As-Template": "yes"})
+    assert output["x-correlation-id"] == "c-1" and output["run-as-template"] == "yes"
+    assert output["accept"] == "*/*"
+    started = client.start("greeter", path="headers", headers={"X-Correlation-Id": "c-2"})
+    assert started.wait()["x-correlation-id"] == "c-2"
 
 
 def test_a_route_slower_than_the_gateway_is_resumed_and_runs_once(workflows):
