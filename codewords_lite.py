@@ -56,7 +56,9 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
+    Counter,
     Dict,
+    Generator,
     Iterable,
     Iterator,
     List,
@@ -64,6 +66,7 @@ from typing import (
     Optional,
     Set,
     Tuple,
+    TypeVar,
     Union,
 )
 from urllib.parse import quote, urljoin, urlsplit
@@ -133,6 +136,7 @@ UPLOAD_READ_TIMEOUT = 120.0  # for the storage host's answer to a PUT
 PROGRESS_INTERVAL = 0.25  # seconds between two on_progress calls
 
 LogEntry = Dict[str, Any]
+_T = TypeVar("_T")
 
 # ---------------------------------------------------------------------------------------------
 # Exceptions
@@ -835,16 +839,18 @@ class Client:
         not_yet: Tuple[int, ...] = (),
         stream: bool = False,
         admit: Optional[Callable[[], None]] = None,
+        retry: bool = True,
     ) -> requests.Response:
         """Send one API call, send it again while that is safe, and return a 2xx or ``not_yet`` answer.
 
         ``kind`` is _RUN for POST /run and _START for POST /run_async, the calls that start a
         workflow (see ``_judge``). ``admit`` is called before each send of one, and may refuse it.
+        ``retry=False`` sends it once, for a caller that retries in its own way.
         """
         all_headers = self._headers()
         if headers:
             all_headers.update(headers)
-        retries = 0 if self._one_time_key() else self.max_retries
+        retries = 0 if not retry or self._one_time_key() else self.max_retries
         starts_a_run = kind in (_RUN, _START)  # the calls a limit on concurrent executions counts
         attempt = 0
         while True:
@@ -1094,6 +1100,8 @@ _ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _SSE_FIELD = re.compile(r":|(data|id|event|retry)(:|\Z)")
 _DIGITS = re.compile(r"[0-9]+\Z")
+_HEADER_VALUE = re.compile(r"[!-~\x80-\xff]([ -~\x80-\xff]*[!-~\x80-\xff])?\Z")  # no space at its ends
+_LOG_EVENT_TYPES = ("", "message", "log")  # SSE event types that carry log entries
 _BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 _XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
 _XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
@@ -1105,6 +1113,16 @@ _STATUS_ERRORS = {
     429: RateLimitError,
     504: GatewayTimeout,
 }
+# What makes a log stream reconnect, counted toward LOG_RECONNECTS: its connection failed or
+# was refused for now, or the question whether the run goes on could not be answered.
+_LOG_FAILURES = (
+    APIConnectionError,
+    RateLimitError,
+    ServerError,
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
 
 
 def _check_base_url(url: str) -> str:
@@ -1818,6 +1836,10 @@ class _RateGate:
 # to skip what the server sends again.
 
 
+class _Closed(Exception):
+    """Raised inside a log stream once close() has been called: the stream ends at once."""
+
+
 class _LogStream:
     """An iterator over a run's log entries that reconnects after drops: each entry once, in order."""
 
@@ -1826,6 +1848,11 @@ class _LogStream:
         self._client = client
         self._response: Optional[requests.Response] = None
         self._closed = threading.Event()
+        self._woken: Optional[threading.Event] = None  # what a call waiting on another thread waits on
+        self._started = time.monotonic()
+        self._quiet_since = self._started  # when the last entry with a createdAt came, on any connection
+        self._failures = 0  # failed connections in a row, with no entry with a createdAt between them
+        self._retry: Optional[float] = None  # the server's SSE "retry:", which replaces the backoff
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
         self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
         self._entries = self._follow()
@@ -1837,102 +1864,168 @@ class _LogStream:
         return next(self._entries)
 
     def close(self) -> None:
-        """Stop the stream, from any thread: a read blocked on the socket returns at once."""
+        """Stop the stream, from any thread, in whatever it is doing: connecting, waiting for an
+        answer, reading (a read blocked on the socket returns at once) or sleeping."""
         self._closed.set()
-        response = self._response
+        woken, response = self._woken, self._response
+        if woken is not None:
+            woken.set()
         if response is not None:
             _interrupt(response)
 
     def _follow(self) -> Iterator[LogEntry]:
         position = _LogPosition()
-        failures, started = 0, time.monotonic()
-        retry: Optional[float] = None  # the server's SSE "retry:", which replaces the backoff
-        while not self._closed.is_set():
-            response = self._open(position, started)
-            if response is None:
-                if self._ends_at is not None:
-                    return
-                continue
-            parser = _LogParser(response.headers.get("Content-Type", ""))
-            quiet_since = time.monotonic()
-            try:
-                with response:
-                    for line in _split_lines(_blocks(response)):
-                        entry = parser.feed(line)
-                        if entry is not None and position.is_new(entry, parser.event_id):
-                            failures, quiet_since = 0, time.monotonic()
-                            yield entry
-                        if self._closed.is_set() or self._drained(quiet_since):
-                            return
-                return  # the server ended the stream: the run is over
-            except urllib3.exceptions.ReadTimeoutError:
-                if self._closed.is_set() or self._run_has_ended():
-                    return
-                logger.debug("log stream of %s silent; the run goes on, reconnecting", self.request_id)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                if self._closed.is_set():
-                    return
-                failures += 1
-                if failures > LOG_RECONNECTS:
-                    raise APIConnectionError(
-                        f"the log stream of {self.request_id} failed {failures} times in a row: {exc}",
-                        request_id=self.request_id,
-                    ) from exc
-                retry = retry if parser.retry is None else parser.retry
-                wait = min(LOG_BACKOFF[0] * 2 ** (failures - 1), LOG_BACKOFF[1]) if retry is None else retry
-                logger.info("log stream of %s dropped (%s); reconnecting in %.1f s", self.request_id, exc, wait)
-                self._closed.wait(wait)
-            position.reconnected()
-
-    def _open(self, position: _LogPosition, started: float) -> Optional[requests.Response]:
-        """GET /logs from where delivery stands; None to try again (a 404 while the run goes on,
-        or no answer in time) or, with ``_ends_at`` set, because the run has ended meanwhile."""
-        query = "?after=" + quote(position.after, safe="") if position.after else ""
-        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
-        if position.event_id:
-            headers["Last-Event-ID"] = position.event_id
         try:
-            response = self._client._request(
-                "GET",
-                f"/logs/{self.request_id}{query}",
-                deadline=self._client._deadline(None) + LOG_READ_TIMEOUT,
-                headers=headers,
-                read_timeout=LOG_READ_TIMEOUT,
-                request_id=self.request_id,
-                stream=True,
+            while True:
+                try:
+                    if (yield from self._connection(position)):
+                        return
+                except _LOG_FAILURES as exc:
+                    self._failed(exc)
+                position.reconnected()
+        except _Closed:
+            return
+
+    def _connection(self, position: _LogPosition) -> Generator[LogEntry, None, bool]:
+        """Deliver what one connection brings that is new: True once the stream has ended, False
+        to reconnect. A failure raises; a clean close while the run goes on is one too."""
+        response = self._open(position)
+        if response is None:
+            return False
+        parser = _LogParser(response.headers.get("Content-Type", ""))
+        try:
+            with response:
+                for line in _split_lines(_blocks(response)):
+                    entry = parser.feed(line)
+                    if entry is not None and position.is_new(entry, parser.event_id):
+                        if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
+                            self._failures, self._quiet_since = 0, time.monotonic()
+                        yield entry
+                    if self._closed.is_set():
+                        raise _Closed
+                    if self._drained():
+                        return True
+        except urllib3.exceptions.ReadTimeoutError:
+            self._check_closed()
+            logger.debug("log stream of %s silent; asking whether the run goes on", self.request_id)
+            return self._run_has_ended()  # silence is not a failure
+        finally:
+            self._retry = self._retry if parser.retry is None else parser.retry
+        self._check_closed()
+        if self._run_has_ended():
+            return True  # the server ended the stream with the run
+        raise APIConnectionError("the server closed the log stream while the run goes on", request_id=self.request_id)
+
+    def _open(self, position: _LogPosition) -> Optional[requests.Response]:
+        """GET /logs from where delivery stands; None after waiting out a 404 while the run goes on."""
+        # A timestamp may hold a lone surrogate (a JSON "\ud800"): it goes back as the server wrote it.
+        query = "?after=" + quote(position.after, safe="", errors="surrogatepass") if position.after else ""
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
+        last_event_id = _header_value(position.event_id)
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        try:
+            response = self._unless_closed(
+                lambda: self._client._request(
+                    "GET",
+                    f"/logs/{self.request_id}{query}",
+                    deadline=self._client._deadline(None) + LOG_READ_TIMEOUT,
+                    headers=headers,
+                    read_timeout=LOG_READ_TIMEOUT,
+                    request_id=self.request_id,
+                    stream=True,
+                    retry=False,  # a failed reopen counts toward LOG_RECONNECTS, like a drop
+                )
             )
         except NotFoundError:
-            # A run just started, or still queued, may have no logs yet: wait while it goes on
-            # (details() raises NotFoundError for a run that does not exist).
-            if time.monotonic() - started < LOG_NOT_FOUND_GRACE:
-                self._closed.wait(POLL_BACKOFF[0])
+            # A run just started, or still queued, may have no logs yet: wait while it goes on.
+            if time.monotonic() - self._started < LOG_NOT_FOUND_GRACE:
+                self._sleep(POLL_BACKOFF[0])
             elif self._run_has_ended():
                 raise
             else:
-                self._closed.wait(POLL_BACKOFF[1])
-            return None
-        except APITimeoutError:  # no answer yet is silence too
-            if self._run_has_ended():
-                self._ends_at = time.monotonic()
+                self._sleep(POLL_BACKOFF[1])
             return None
         self._response = response
         if self._closed.is_set():  # close() may have run before the line above
             _interrupt(response)
         return response
 
-    def _drained(self, quiet_since: float) -> bool:
-        """Whether a stream that sends no entries, only keep-alives, should end: the run has
-        ended (asked once per LOG_READ_TIMEOUT of quiet) and LOG_GRACE has passed since."""
+    def _drained(self) -> bool:
+        """Whether a stream that sends no entries with a timestamp, only keep-alives of any kind,
+        should end: the run has ended (asked once per LOG_READ_TIMEOUT of quiet) and LOG_GRACE
+        has passed since."""
         now = time.monotonic()
-        if self._ends_at is None and now - quiet_since >= LOG_READ_TIMEOUT and now >= self._next_check:
+        if self._ends_at is None and now - self._quiet_since >= LOG_READ_TIMEOUT and now >= self._next_check:
             self._next_check = now + LOG_READ_TIMEOUT
             if self._run_has_ended():
                 self._ends_at = now + LOG_GRACE
         return self._ends_at is not None and now >= self._ends_at
 
     def _run_has_ended(self) -> bool:
-        record = self._client.details(self.request_id)
+        """Whether GET /request/{id} says the run has ended. A record that cannot be read (404,
+        not a JSON object) says so too: there is nothing to wait for. Other errors are raised."""
+        try:
+            record = self._unless_closed(lambda: self._client.details(self.request_id))
+        except APIStatusError as exc:
+            if isinstance(exc, (AuthenticationError, RateLimitError, ServerError)):
+                raise
+            return True
         return bool(record.get("completedAt")) or record.get("responseStatus") is not None
+
+    def _failed(self, exc: Exception) -> None:
+        """Count a failed connection, or a failed question about the run, and wait before the next
+        one; APIConnectionError after LOG_RECONNECTS of them in a row."""
+        self._check_closed()
+        self._failures += 1
+        if self._failures > LOG_RECONNECTS:
+            raise APIConnectionError(
+                f"the log stream of {self.request_id} failed {self._failures} times in a row: {exc}",
+                request_id=self.request_id,
+            ) from exc
+        wait = min(LOG_BACKOFF[0] * 2 ** (self._failures - 1), LOG_BACKOFF[1]) if self._retry is None else self._retry
+        retry_after = getattr(exc, "retry_after", None)
+        wait = wait if retry_after is None else max(wait, retry_after)
+        logger.info("log stream of %s failed (%s); reconnecting in %.1f s", self.request_id, exc, wait)
+        self._sleep(wait)
+
+    def _unless_closed(self, call: Callable[[], _T]) -> _T:
+        """call() on a thread of its own, so that close() need not wait while it connects or waits
+        for an answer: its result or error, or _Closed (a response that comes late is closed)."""
+        outcome: List[Tuple[Optional[_T], Optional[BaseException]]] = []
+        woken = self._woken = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome.append((call(), None))
+            except BaseException as exc:  # handed to the stream's thread
+                outcome.append((None, exc))
+            finally:
+                if self._closed.is_set() and outcome and isinstance(outcome[0][0], requests.Response):
+                    outcome[0][0].close()
+                woken.set()
+
+        threading.Thread(target=work, name=f"codewords-logs-call-{self.request_id}", daemon=True).start()
+        if self._closed.is_set():
+            woken.set()
+        woken.wait()
+        self._woken = None
+        if self._closed.is_set():
+            if outcome and isinstance(outcome[0][0], requests.Response):
+                outcome[0][0].close()
+            raise _Closed
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        return result  # type: ignore[return-value]
+
+    def _sleep(self, seconds: float) -> None:
+        self._closed.wait(seconds)
+        self._check_closed()
+
+    def _check_closed(self) -> None:
+        if self._closed.is_set():
+            raise _Closed
 
 
 class _LogFollower:
@@ -1976,8 +2069,9 @@ class _LogParser:
 
     A ``text/event-stream`` answer, or one whose first line is an SSE field, is read as events;
     in it, a line that starts with ``{`` is still an entry of its own, as the official clients
-    expect. Anything else is NDJSON, where a line that starts with ``:`` is a comment too, and
-    a line that is not a JSON object is ``{"rawText": line}``.
+    expect. An event of a type other than the default "message" (or "log") is not an entry: it
+    is a keep-alive such as ``event: ping``. Anything else is NDJSON, where a line that starts
+    with ``:`` is a comment too, and a line that is not a JSON object is ``{"rawText": line}``.
     """
 
     def __init__(self, content_type: str) -> None:
@@ -1985,6 +2079,7 @@ class _LogParser:
         self.event_id = ""  # the SSE "last event ID" at the last event
         self.retry: Optional[float] = None  # the SSE "retry:" in seconds
         self._data: List[str] = []
+        self._type = ""  # the SSE "event:" of the event being read
         self._started = False  # whether a line has come that is not blank
 
     def feed(self, line: bytes) -> Optional[LogEntry]:
@@ -1999,45 +2094,50 @@ class _LogParser:
             return _parse_log_line(text) if text and not text.startswith(":") else None
         if not text:  # the end of an event
             data, self._data = "\n".join(self._data), []
-            return _parse_log_line(data) if data.strip() else None
+            kind, self._type = self._type, ""
+            return _parse_log_line(data) if data.strip() and kind in _LOG_EVENT_TYPES else None
         if text.startswith("{"):
             return _parse_log_line(text.strip())
         name, _, value = text.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if name == "data":
             self._data.append(value)
+        elif name == "event":
+            self._type = value
         elif name == "id" and "\0" not in value:
             self.event_id = value
         elif name == "retry" and _DIGITS.match(value):
             self.retry = min(int(value) / 1000, RETRY_AFTER_MAX)
-        return None  # a comment (an empty name), "event:" and unknown fields say nothing to us
+        return None  # a comment (an empty name) or an unknown field says nothing to us
 
 
 class _LogPosition:
     """How far delivery has gone: what to ask a reconnect for, and which entries it sends again.
 
-    Why each entry comes once. Say the server's log is in createdAt order and we have delivered a
-    prefix of it: newest timestamp N, k entries at N. We reconnect with ?after=A, A the newest
-    delivered timestamp older than N (or none), so every entry not yet delivered is at N or later.
-    A server whose after= is inclusive (>= A) or exclusive (> A), one that ignores it, and one that
-    resumes from Last-Event-ID all answer a suffix of the log that starts at or before the first
-    entry not yet delivered. In that suffix the entries older than N were all delivered, and those
-    at N come in log order, the first k of them delivered: we skip exactly those (matched by SSE id
-    when the server gives ids, so that a resumed suffix, whose first entry at N has a new id, is
-    not skipped), and skip nothing more once a new entry has come. Entries never change places
-    within a connection: only the start of a reconnect is filtered.
+    Why each entry comes once. Say the server lists its log in createdAt order, entries of equal
+    createdAt in any order (a new one on each connection), and we have delivered every entry
+    older than N and some of those at N (the newest timestamp delivered). We reconnect with
+    ?after=A, A the newest delivered timestamp older than N (or none). A server whose after= is
+    inclusive (>= A) or exclusive (> A), and one that ignores it, all answer every entry at N or
+    later, after some older ones. We skip the older ones (all delivered) and, at N, those equal to
+    one already delivered at N, each delivered one matching once (as a multiset: identical
+    entries can be told apart only by how many there are, and that is enough). So each entry at
+    N comes out once when the server has listed them all; then nothing more is skipped, and
+    entries newer than N come as listed. An entry is "equal" by its content and SSE id together:
+    with stable ids, a new id is delivered and a known one skipped, whatever the order. A server
+    that resumes from Last-Event-ID instead answers what follows that id: the same holds if it
+    lists ties in a stable order. Nothing is filtered within a connection that did not replay.
     """
 
     def __init__(self) -> None:
         self.after: Optional[str] = None  # the A above
         self.event_id = ""  # the SSE id of the last entry delivered
         self._newest: Optional[Tuple[str, Optional[int]]] = None  # N, as text and as an instant
-        self._ids_at_newest: List[str] = []  # the SSE ids of the k entries delivered at N, in order
-        self._replaying = False
-        self._matched = 0  # entries at N skipped since the reconnect
+        self._at_newest: Counter[Tuple[str, str]] = collections.Counter()  # (id, entry) delivered at N
+        self._unmatched: Optional[Counter[Tuple[str, str]]] = None  # while replaying: not yet seen again
 
     def reconnected(self) -> None:
-        self._replaying, self._matched = self._newest is not None, 0
+        self._unmatched = collections.Counter(self._at_newest) if self._newest is not None else None
 
     def is_new(self, entry: LogEntry, event_id: str) -> bool:
         """Whether to deliver this entry, and if so, count it as delivered. An entry without a
@@ -2047,19 +2147,20 @@ class _LogPosition:
             return True
         stamp = (created, _instant(created))
         order = 1 if self._newest is None else _time_order(stamp, self._newest)
-        if self._replaying:
-            ids = self._ids_at_newest
+        key = (event_id, json.dumps(entry, sort_keys=True))
+        if self._unmatched is not None:
             if order < 0:
                 return False
-            if order == 0 and self._matched < len(ids) and ids[self._matched] == event_id:
-                self._matched += 1
+            if order == 0 and self._unmatched[key] > 0:
+                self._unmatched[key] -= 1
                 return False
-            self._replaying = False
+            if order > 0:
+                self._unmatched = None  # the replay is over
         if order > 0:
             self.after = self._newest[0] if self._newest is not None else None
-            self._newest, self._ids_at_newest = stamp, []
+            self._newest, self._at_newest = stamp, collections.Counter()
         if order >= 0:
-            self._ids_at_newest.append(event_id)
+            self._at_newest[key] += 1
         elif self.after is None or _time_order(stamp, (self.after, _instant(self.after))) > 0:
             self.after = created  # out of order within a connection: still older than N
         self.event_id = event_id
@@ -2092,23 +2193,26 @@ def _blocks(response: requests.Response) -> Iterator[bytes]:
 
 
 def _split_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
-    """The lines of a byte stream, ended by LF, CRLF or CR, each as soon as it is complete, and the
+    """The lines of a byte stream, ended by LF, CRLF or CR, each as soon as it is complete (a CR
+    at the end of a block ends its line at once, and an LF right after it is dropped), and the
     last one even unended; in time linear in its length however long a line is."""
     pending = bytearray()
+    after_cr = False  # the last line ended with a CR: an LF that comes next belongs to it
     for block in blocks:
-        start = max(len(pending) - 1, 0)  # only a CR, held back, can end what is pending
+        if after_cr and block.startswith(b"\n"):
+            block = block[1:]
+        start = len(pending)  # what is pending holds no line end
         pending += block
         cut = 0
         for end in _LINE_END.finditer(pending, start):
-            if end.group() == b"\r" and end.end() == len(pending):
-                break  # the next block may start with the LF of a CRLF
             yield bytes(pending[cut : end.start()])
             cut = end.end()
+        after_cr = after_cr if not block else cut == len(pending) and pending.endswith(b"\r")
         del pending[:cut]
         if len(pending) > LOG_LINE_MAX:
             raise CodewordsError(f"the log stream sent a line longer than {LOG_LINE_MAX >> 20} MiB: it is not a log")
     if pending:
-        yield bytes(pending[:-1] if pending.endswith(b"\r") else pending)
+        yield bytes(pending)
 
 
 def _parse_log_line(text: str) -> LogEntry:
@@ -2136,6 +2240,14 @@ def _instant(timestamp: str) -> Optional[int]:
         return None  # no such day, hour or zone
     seconds = (moment - _EPOCH) // datetime.timedelta(seconds=1)
     return seconds * 10**9 + int((fraction or "").ljust(9, "0")[:9])
+
+
+def _header_value(event_id: str) -> str:
+    """An SSE id as a Last-Event-ID header value: its UTF-8 bytes, carried in a str as Latin-1
+    (how http.client sends header values), or "" when it cannot go into a header unchanged
+    (spaces or control characters at its ends or in it); the resume then rests on ?after=."""
+    value = event_id.encode("utf-8").decode("latin-1")
+    return value if _HEADER_VALUE.match(value) else ""
 
 
 def _interrupt(response: requests.Response) -> None:

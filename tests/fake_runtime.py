@@ -24,6 +24,7 @@ import collections
 import datetime
 import hashlib
 import http.client
+import itertools
 import json
 import random
 import socket
@@ -182,12 +183,19 @@ class FakeRuntime:
         self.after_inclusive = False  # True: ?after=T sends entries at T too; "alternate": each connection switches
         self.logs_never_end = False  # True: /logs stays open after the run has ended
         self.keep_alive = True  # False: /logs says nothing while the run is silent
+        self.keep_alive_every = 0.5  # seconds between two keep-alives
+        self.drop_after_keep_alives: Optional[int] = None  # drop each /logs answer after this many keep-alives
         self.log_framing = "chunked"  # "length": one answer with a Content-Length once the run has ended;
         # "close": no length, no chunks, the body ends when the connection closes
         self.millisecond_stamps = False  # True: createdAt in milliseconds, several entries may share one
         self.sse_ids = False  # True: each event has an "id:", and Last-Event-ID resumes after it
         self.sse_retry: Optional[int] = None  # a "retry:" field, in milliseconds, opening each SSE stream
         self.sse_multiline = False  # True: each event's JSON is spread over several "data:" lines
+        self.sse_resume = True  # False: Last-Event-ID is ignored, only ?after= counts
+        self.sse_id_prefix = ""  # put before each SSE id: non-ASCII, or a space the client cannot send back
+        self.pings = False  # True: keep-alives are "event: ping" events, or NDJSON "ping" lines (not JSON)
+        self.shuffle_ties = False  # True: reconnects list entries of equal createdAt in reverse order
+        self.log_close_after: Optional[int] = None  # end each /logs answer cleanly after this many entries
         self.line_end = b"\n"  # or b"\r\n", b"\r"
         self.bom = False  # True: each /logs body starts with a UTF-8 byte order mark
         self.log_connections = 0
@@ -629,8 +637,10 @@ class _ApiHandler(_Handler):
             if inclusive == "alternate":
                 inclusive = runtime.log_connections % 2 == 0
             entries = runtime.log_entries[request_id]
-            if runtime.sse_ids and self.headers.get("Last-Event-ID"):
-                index = int(self.headers["Last-Event-ID"]) + 1
+            self.reconnect = runtime.log_connections > 1
+            last_event_id = self.headers.get("Last-Event-ID", "").encode("latin-1").decode("utf-8")
+            if runtime.sse_ids and runtime.sse_resume and last_event_id:
+                index = int(last_event_id[len(runtime.sse_id_prefix) :]) + 1
             elif after and not runtime.ignore_after:
                 index = next(
                     (
@@ -665,7 +675,7 @@ class _ApiHandler(_Handler):
             text = json.dumps(entry, indent=1 if runtime.sse_multiline else None, ensure_ascii=False)
             lines = [b"event: log"] + [b"data: " + part.encode() for part in text.split("\n")]
             if runtime.sse_ids:
-                lines.append(b"id: %d" % index)
+                lines.append(b"id: " + (runtime.sse_id_prefix + str(index)).encode())
             lines.append(b"")
         return b"".join(line + runtime.line_end for line in lines)
 
@@ -698,7 +708,7 @@ class _ApiHandler(_Handler):
     def stream_entries(self, request_id: str, index: int, fault: Optional[Fault]) -> None:
         runtime = self.runtime
         entries = runtime.log_entries[request_id]
-        sent = 0
+        sent = keep_alives = 0
         if self.opening():
             self.write(self.opening())
         while True:
@@ -708,17 +718,28 @@ class _ApiHandler(_Handler):
                         len(entries) > index
                         or (runtime.records[request_id].get("completedAt") and not runtime.logs_never_end)
                     ),
-                    0.5,
+                    runtime.keep_alive_every,
                 )
                 fresh, finished = entries[index:], bool(runtime.records[request_id].get("completedAt"))
             if not fresh and (not finished or runtime.logs_never_end) and runtime.keep_alive:
-                self.write(runtime.line_end if runtime.ndjson else b": keep-alive" + runtime.line_end * 2)
-            for offset, entry in enumerate(fresh):
-                event = self.event(entry, index + offset)
+                self.write(self.keep_alive())
+                keep_alives += 1
+                if keep_alives == runtime.drop_after_keep_alives:
+                    return self.drop()
+            if sent == runtime.log_close_after:  # a clean end while the run goes on
+                return self.chunk(b"") if runtime.log_framing == "chunked" else None
+            listed = list(enumerate(fresh, index))
+            if runtime.shuffle_ties and self.reconnect:  # ORDER BY createdAt, ties in another order
+                runs = itertools.groupby(listed, key=lambda pair: pair[1].get("createdAt"))
+                listed = [pair for _, run in runs for pair in reversed(list(run))]
+            for position, entry in listed:
+                event = self.event(entry, position)
                 if fault and fault.cut_after is not None and sent == fault.cut_after:
                     runtime.faults_applied["cut log stream"] += 1
                     self.write(event[: len(event) // 2])
                     return self.drop()
+                if sent == runtime.log_close_after:  # a clean end while the run goes on
+                    return self.chunk(b"") if runtime.log_framing == "chunked" else None
                 self.write(event)
                 sent += 1
             index += len(fresh)
@@ -726,6 +747,14 @@ class _ApiHandler(_Handler):
                 if runtime.log_framing == "chunked":
                     self.chunk(b"")  # the last chunk
                 return
+
+    def keep_alive(self) -> bytes:
+        runtime = self.runtime
+        if runtime.ndjson:
+            return b"ping" + runtime.line_end if runtime.pings else runtime.line_end
+        if runtime.pings:
+            return b"event: ping" + runtime.line_end + b"data: " + now_iso().encode() + runtime.line_end * 2
+        return b": keep-alive" + runtime.line_end * 2
 
     def write(self, data: bytes) -> None:
         """Send part of a streamed body: as a chunk, or as it is (an empty chunk ends a chunked body)."""

@@ -88,6 +88,7 @@ def test_no_echoed_key_in_any_exception_or_log_record(echo, shape, caplog, monke
     """Regression: only _status_error masked the key, after its 500-character cut; the answers to
     /provision-request, /run_async, /result and /file, `exc.body` and the provision warning leaked it."""
     monkeypatch.setattr(cw, "LOG_NOT_FOUND_GRACE", 0.0)
+    monkeypatch.setattr(cw, "LOG_BACKOFF", (0.01, 0.02))  # a log stream's failed reopens count toward giving up
     caplog.set_level(logging.DEBUG)
     _Echo.shape = shape
     url = f"http://127.0.0.1:{echo.server_address[1]}"
@@ -115,8 +116,12 @@ def test_no_echoed_key_in_any_exception_or_log_record(echo, shape, caplog, monke
                     texts.append(json.dumps(getattr(error, name, None), default=repr))
     texts += [record.getMessage() for record in caplog.records] + [caplog.text]
     assert errors >= 60
-    assert any("could not provision" in record.getMessage() for record in caplog.records)
+    assert any("offers no request ids" in record.getMessage() for record in caplog.records)
     assert [text for text in texts if PREFIX in text] == []
+
+
+# The command line, its log streams backing off in milliseconds (the echo never ends a run).
+CLI_WITH_QUICK_LOG_BACKOFF = "import sys, codewords_lite as cw; cw.LOG_BACKOFF = (0.01, 0.02); sys.exit(cw.main())"
 
 
 @pytest.mark.parametrize("status", [200, 422])
@@ -125,16 +130,23 @@ def test_no_echoed_key_on_the_command_line(echo, status):
     _Echo.status, _Echo.shape = status, "cut"
     env = dict(os.environ, CODEWORDS_API_KEY=KEY, CODEWORDS_BASE_URL=f"http://127.0.0.1:{echo.server_address[1]}")
     commands = [["run", "svc"], ["run", "svc", "--fallback", "off"], ["start", "svc"], ["details", "req_1"]]
-    for command in [*commands, ["logs", "req_1"], ["result", "req_1", "--logs"], ["upload", __file__]]:
+    for command in [
+        *commands,
+        ["logs", "req_1"],
+        ["result", "req_1", "--logs", "--timeout", "2"],
+        ["upload", __file__],
+    ]:
         result = subprocess.run(
-            [sys.executable, "-m", "codewords_lite", *command, "--debug"],
+            [sys.executable, "-c", CLI_WITH_QUICK_LOG_BACKOFF, *command, "--debug"],
             cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert result.returncode in (0, 1), result.stderr  # some print what the server said, the key masked
+        # Some print what the server said, the key masked; an echoed record is not a finished one,
+        # so `result` waits for it until its deadline (exit 3).
+        assert result.returncode in (0, 1, 3), result.stderr
         assert PREFIX not in result.stdout + result.stderr
 
 

@@ -1,7 +1,10 @@
 """Log streaming: parsing, reconnects that deliver every entry once and in order, and on_log."""
 
+import collections
+import itertools
 import json
 import logging
+import random
 import threading
 import time
 
@@ -154,9 +157,11 @@ def test_the_log_request_on_the_wire():
             body=b'event: log\ndata: {"message": "a",\ndata: "n": 1}\nid: 1\n\n',
             content_type="text/event-stream",
         )
+        mock.get("https://runtime.example/request/req_1", json={"id": "req_1", "completedAt": "t"})
         client = cw.Client("cwk-test", base_url="https://runtime.example")
         assert list(client.logs("req_1")) == [{"message": "a", "n": 1}]
-        (call,) = mock.calls
+        call, asked = mock.calls  # the stream closed: asked whether the run has ended
+        assert asked.request.url.endswith("/request/req_1")
     assert call.request.headers["Accept"] == "text/event-stream"
     assert call.request.headers["Accept-Encoding"] == "identity"
     assert "Last-Event-ID" not in call.request.headers
@@ -169,21 +174,32 @@ def stamp(n):
     return f"2026-01-01T00:00:00.{n:03d}Z"
 
 
-def server_answer(log, mode, after, last_event_id):
-    """The suffix of the log a server sends to a reconnect, by how it reads ?after= and Last-Event-ID."""
+def server_answer(log, mode, after, last_event_id, shuffle):
+    """The suffix of the log a server sends to a reconnect, by how it reads ?after= and Last-Event-ID;
+    ``shuffle``, a seed or None, lists entries of equal createdAt in another order (no tie-breaker)."""
     if mode == "last-event-id" and last_event_id:
         return log[int(last_event_id) + 1 :]
     if mode == "ignore" or after is None:
-        return log
-    inclusive = mode == "inclusive"
-    return [e for e in log if e["createdAt"] > after or (inclusive and e["createdAt"] == after)]
+        answer = log
+    else:
+        inclusive = mode == "inclusive"
+        answer = [e for e in log if e["createdAt"] > after or (inclusive and e["createdAt"] == after)]
+    if shuffle is None:
+        return answer
+    ties = [list(run) for _, run in itertools.groupby(answer, key=lambda e: e["createdAt"])]
+    for run in ties:
+        random.Random(shuffle).shuffle(run)
+    return [e for run in ties for e in run]
 
 
-def deliver(log, mode, cuts, ids):
-    """What the client delivers of the log when the n-th connection drops after cuts[n] entries."""
+def deliver(log, mode, cuts, ids, shuffles=()):
+    """What the client delivers of the log when the n-th connection drops after cuts[n] entries,
+    the n-th reconnect listing ties shuffled by shuffles[n] (a seed, or None for the log's order)."""
     position, delivered = cw._LogPosition(), []
-    for cut in [*cuts, None]:
-        answer = server_answer(log, mode, position.after, position.event_id)
+    shuffles = [None, *shuffles]
+    for n, cut in enumerate([*cuts, None]):
+        shuffle = shuffles[n] if n < len(shuffles) else None
+        answer = server_answer(log, mode, position.after, position.event_id, shuffle)
         for entry in answer if cut is None else answer[:cut]:
             if position.is_new(dict(entry), str(log.index(entry)) if ids else ""):
                 delivered.append(entry)
@@ -191,11 +207,20 @@ def deliver(log, mode, cuts, ids):
     return delivered
 
 
+def same_entries_in_time_order(delivered, log):
+    """Each entry of the log once (identical ones as often as written), in createdAt order."""
+    as_text = [json.dumps(e, sort_keys=True) for e in delivered]
+    assert collections.Counter(as_text) == collections.Counter(json.dumps(e, sort_keys=True) for e in log)
+    assert [e["createdAt"] for e in delivered] == [e["createdAt"] for e in log]
+    return True
+
+
 # Timestamps from a handful of milliseconds, so that bursts share one; messages from two, so
 # that many entries are identical in every field.
 entries_in_order = st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["a", "b"])), max_size=14).map(
     lambda pairs: [{"createdAt": stamp(n), "message": m} for n, m in sorted(pairs, key=lambda p: p[0])]
 )
+reconnect_orders = st.lists(st.one_of(st.none(), st.integers(0, 1000)), max_size=6)
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
@@ -203,11 +228,16 @@ entries_in_order = st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["a", "
     entries_in_order,
     st.sampled_from(["exclusive", "inclusive", "ignore"]),
     st.lists(st.integers(0, 15), max_size=6),
+    reconnect_orders,
 )
-def test_every_entry_is_delivered_once_however_the_stream_is_cut(log, mode, cuts):
+def test_every_entry_is_delivered_once_however_the_stream_is_cut(log, mode, cuts, shuffles):
     """Any log with bursts of equal timestamps and identical entries, cut anywhere, from a server
-    whose after= is exclusive, inclusive or ignored: what is delivered is what was written."""
-    assert deliver(log, mode, cuts, ids=False) == log
+    whose after= is exclusive, inclusive or ignored and that may list ties in another order on
+    each reconnect: what is delivered is what was written (ties in the order they came)."""
+    delivered = deliver(log, mode, cuts, ids=False, shuffles=shuffles)
+    assert same_entries_in_time_order(delivered, log)
+    if not any(s is not None for s in shuffles):
+        assert delivered == log
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -215,11 +245,15 @@ def test_every_entry_is_delivered_once_however_the_stream_is_cut(log, mode, cuts
     entries_in_order,
     st.sampled_from(["exclusive", "inclusive", "last-event-id"]),
     st.lists(st.integers(0, 15), max_size=6),
+    reconnect_orders,
 )
-def test_every_entry_is_delivered_once_with_event_ids(log, mode, cuts):
-    """The same with SSE ids, and a server that resumes from Last-Event-ID instead of ?after=."""
+def test_every_entry_is_delivered_once_with_event_ids(log, mode, cuts, shuffles):
+    """The same with SSE ids, and a server that resumes from Last-Event-ID instead of ?after=
+    (such a server must list ties in a stable order: what follows an id is then well defined)."""
     log = [dict(e, n=i) for i, e in enumerate(log)]  # ids are positions: entries differ by them
-    assert deliver(log, mode, cuts, ids=True) == log
+    shuffles = [None] * len(shuffles) if mode == "last-event-id" else shuffles
+    delivered = deliver(log, mode, cuts, ids=True, shuffles=shuffles)
+    assert same_entries_in_time_order(delivered, log)
 
 
 def test_a_burst_of_equal_timestamps_on_an_unbroken_stream_is_kept():
@@ -277,7 +311,8 @@ def test_logs_that_answer_404_for_longer_than_the_grace_while_the_run_goes_on(ru
     runtime.fault("GET", "/logs/", status=404, times=5)
     run = client.start("sleep", {"seconds": 0.6, "lines": 3})
     assert messages(run.logs()) == ["step 0", "step 1", "step 2"]
-    assert len(runtime.calls_to("GET", "/request/")) == 5  # asked each time whether the run goes on
+    # asked each time whether the run goes on, and once more when the stream closed with the run
+    assert len(runtime.calls_to("GET", "/request/")) == 6
 
 
 def test_logs_that_answer_404_after_the_run_has_ended_raise(runtime, client, monkeypatch):
@@ -561,3 +596,207 @@ def test_a_silent_stream_that_never_closes_ends_with_the_run(runtime, client, mo
     runtime.logs_never_end, runtime.keep_alive = True, False
     run = client.start("talk", {"lines": 2})
     assert messages(run.logs()) == ["line 0", "line 1"]
+
+
+# -- what the review of the rebuilt stream found: each against the emulator ---------------------
+
+
+TIES = scripted((1, "a"), (2, "p"), (2, "q"), (2, "p"), (2, "r"), (2, "s"), (3, "b"))
+
+
+@pytest.mark.parametrize("ndjson", [True, False], ids=["ndjson", "sse-ids"])
+@pytest.mark.parametrize("cut_after", [2, 3, 4])
+def test_ties_listed_in_another_order_after_a_reconnect(cut_after, ndjson):
+    """A server doing ORDER BY created_at with no tie-breaker lists equal timestamps in another
+    order on a reconnect: they were skipped by count, so some came twice and others never."""
+    with FakeRuntime(ndjson=ndjson) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.shuffle_ties = True
+        runtime.sse_ids, runtime.sse_resume = not ndjson, False  # stable ids, Last-Event-ID ignored
+        runtime.fault("GET", "/logs/", cut_after=cut_after, times=1)
+        run = client.start("script", {"entries": TIES})
+        run.wait()
+        delivered = list(run.logs())
+    assert sorted(messages(delivered)) == sorted(messages(TIES))
+    assert [e["createdAt"] for e in delivered] == [e["createdAt"] for e in TIES]
+
+
+def test_a_line_ended_by_a_cr_at_the_end_of_a_block_is_delivered_at_once():
+    """A CR at the end of a block was held back for a possible LF: the line waited for more bytes."""
+
+    def blocks():
+        yield b'{"n": 1}\r'
+        raise AssertionError("the line was held back for the next block")
+
+    assert next(cw._split_lines(blocks())) == b'{"n": 1}'
+    assert list(cw._split_lines([b"a\r", b"\nb\r", b"\r\n", b"\n"])) == [b"a", b"b", b"", b""]
+
+
+def test_the_last_line_ended_by_a_cr_is_not_lost(runtime, client, monkeypatch):
+    """CR line ends, and a stream that stays open and silent after the run: the last entry was lost."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.3)
+    runtime.line_end, runtime.logs_never_end, runtime.keep_alive = b"\r", True, False
+    run = client.start("talk", {"lines": 3})
+    assert messages(run.logs()) == ["line 0", "line 1", "line 2"]
+
+
+@pytest.mark.parametrize("failure", [{"status": 502}, {"status": 503}, {"drop": True}], ids=["502", "503", "reset"])
+def test_failed_reopens_count_as_drops(runtime, client, quick_retries, failure):
+    """A reopen answered 5xx or reset gave up after the generic three retries, not LOG_RECONNECTS."""
+    runtime.fault("GET", "/logs/", cut_after=2, times=1)
+    runtime.fault("GET", "/logs/", times=5, **failure)
+    run = client.start("talk", {"lines": 5})
+    run.wait()
+    assert messages(run.logs()) == [f"line {i}" for i in range(5)]
+    assert len(runtime.calls_to("GET", "/logs/")) == 7
+
+
+def test_failed_reopens_still_give_up_after_log_reconnects(runtime, client, monkeypatch):
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 2)
+    runtime.fault("GET", "/logs/", status=502, times=10)
+    with pytest.raises(cw.APIConnectionError, match="failed 3 times in a row"):
+        list(client.logs(client.start("talk", {"lines": 2}).request_id))
+    assert len(runtime.calls_to("GET", "/logs/")) == 3
+
+
+def wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("state", ["waiting-for-headers", "asking-about-the-run", "backing-off"])
+def test_close_returns_the_iterator_at_once_in_every_state(runtime, client, monkeypatch, state):
+    """close() did not wake a stream waiting for the server's answer (it waited out read
+    timeouts and retries), nor one asking GET /request whether the run had ended."""
+    if state == "waiting-for-headers":
+        runtime.fault("GET", "/logs/", delay=5)
+        reached = lambda: runtime.faults_applied["delay"]  # noqa: E731
+    elif state == "asking-about-the-run":
+        monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.1)
+        runtime.keep_alive = False
+        runtime.fault("GET", "/request/", delay=5)
+        reached = lambda: runtime.faults_applied["delay"]  # noqa: E731
+    else:
+        monkeypatch.setattr(cw, "LOG_BACKOFF", (30.0, 30.0))
+        runtime.fault("GET", "/logs/", drop=True, times=1)
+        reached = lambda: runtime.faults_applied["drop"]  # noqa: E731
+    stream = client.logs(client.start("sleep", {"seconds": 10}).request_id)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(list(stream)), daemon=True)
+    reader.start()
+    wait_for(reached)
+    time.sleep(0.1)  # into the wait
+    started = time.monotonic()
+    stream.close()
+    reader.join(5)
+    assert outcome == [[]] and time.monotonic() - started < 1.0
+
+
+def test_a_timestamp_that_is_not_valid_unicode_is_sent_back_on_a_reconnect():
+    """A createdAt with a lone surrogate (JSON "\\ud800") made the reconnect raise UnicodeEncodeError."""
+    ndjson = "application/x-ndjson"
+    with responses.RequestsMock() as mock:
+        logs, record = "https://runtime.example/logs/req_1", "https://runtime.example/request/req_1"
+        mock.get(
+            logs,
+            body=b'{"createdAt": "1\\ud800", "message": "a"}\n{"createdAt": "2", "message": "b"}\n',
+            content_type=ndjson,
+        )
+        mock.get(
+            logs, body=b'{"createdAt": "2", "message": "b"}\n{"createdAt": "3", "message": "c"}\n', content_type=ndjson
+        )
+        mock.get(record, json={"id": "req_1"})  # the run goes on after the first answer
+        mock.get(record, json={"id": "req_1", "completedAt": "t"})
+        client = cw.Client("cwk-test", base_url="https://runtime.example")
+        assert messages(client.logs("req_1")) == ["a", "b", "c"]
+        again = [c.request.url for c in mock.calls if "/logs/" in c.request.url][1]
+    assert again.endswith("?after=1%ED%A0%80")
+
+
+def test_sse_events_of_another_type_are_not_entries():
+    body = b'event: ping\ndata: 2026-11-28 10:00:00\n\nevent: log\ndata: {"n": 1}\n\nevent: message\ndata: {"n": 2}\n\n'
+    assert parse(body, "text/event-stream") == [{"n": 1}, {"n": 2}]
+
+
+@pytest.mark.parametrize("ndjson", [False, True], ids=["sse-ping-events", "ndjson-ping-lines"])
+def test_pings_after_the_run_do_not_keep_the_stream_alive(monkeypatch, ndjson):
+    """Keep-alives sent as "event: ping" events came out as rawText entries, and each one, like a
+    "ping" line of NDJSON, counted as news: logs() never ended. Only an entry with a createdAt does."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(cw, "LOG_GRACE", 0.2)
+    with FakeRuntime(ndjson=ndjson) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.pings, runtime.logs_never_end, runtime.keep_alive_every = True, True, 0.05
+        run = client.start("talk", {"lines": 3})
+        outcome = []
+        reader = threading.Thread(target=lambda: outcome.append(messages(run.logs())), daemon=True)
+        reader.start()
+        reader.join(10)
+    (delivered,) = outcome
+    lines = [m for m in delivered if m != "ping"]  # a line that is not JSON is still delivered
+    assert lines == ["line 0", "line 1", "line 2"] and (ndjson or len(delivered) == 3)
+
+
+def test_pings_on_connections_that_keep_dropping_do_not_keep_the_stream_alive(monkeypatch):
+    """The time without news restarted with each connection: pings on connections dropped more
+    often than the read timeout kept logs() going long after the run had ended."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(cw, "LOG_GRACE", 0.1)
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 1000)
+    with FakeRuntime(ndjson=False) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.pings, runtime.logs_never_end, runtime.keep_alive_every = True, True, 0.05
+        runtime.drop_after_keep_alives = 3
+        run = client.start("talk", {"lines": 3})
+        run.wait()
+        outcome = []
+        reader = threading.Thread(target=lambda: outcome.append(messages(run.logs())), daemon=True)
+        reader.start()
+        reader.join(10)
+    assert outcome == [["line 0", "line 1", "line 2"]]
+
+
+@pytest.mark.parametrize("prefix, sent_back", [("évé-日本-", "évé-日本-3"), (" ", None)], ids=["utf-8", "space"])
+def test_sse_ids_that_cannot_go_into_a_header_as_they_are(prefix, sent_back):
+    """A non-ASCII id raised UnicodeEncodeError, and an id with a leading space ("id:  7") made
+    requests refuse the header: the stream broke and entries were lost."""
+    with FakeRuntime(ndjson=False) as runtime, cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        runtime.sse_ids, runtime.sse_id_prefix = True, prefix
+        runtime.fault("GET", "/logs/", cut_after=4, times=1)
+        run = client.start("talk", {"lines": 8})
+        run.wait()
+        assert messages(run.logs()) == [f"line {i}" for i in range(8)]
+        (_, again) = runtime.calls_to("GET", "/logs/")
+    header = again["headers"].get("Last-Event-ID")
+    assert (header and header.encode("latin-1").decode("utf-8")) == sent_back
+    assert cw._header_value("a\tb") == cw._header_value("x ") == cw._header_value("") == ""
+
+
+@pytest.mark.parametrize("failure", [{"status": 500}, {"drop": True}], ids=["500", "reset"])
+def test_a_failed_question_about_the_run_does_not_end_the_stream(runtime, client, monkeypatch, quick_retries, failure):
+    """GET /request failing during a silence raised out of logs(): it counts as a failed reconnect."""
+    monkeypatch.setattr(cw, "LOG_READ_TIMEOUT", 0.1)
+    runtime.keep_alive = False
+    runtime.fault("GET", "/request/", times=8, **failure)  # the first two questions, retries and all
+    run = client.start("sleep", {"seconds": 1.0, "lines": 2})
+    assert messages(run.logs()) == ["step 0", "step 1"]
+    assert runtime.faults_applied[str(failure.get("status", "drop"))] == 8
+
+
+def test_a_clean_close_while_the_run_goes_on_reconnects(runtime, client):
+    """A server that ends each answer cleanly after a few entries: logs() ended with the first."""
+    runtime.log_close_after = 2
+    run = client.start("talk", {"lines": 7, "interval": 0.05})
+    assert messages(run.logs()) == [f"line {i}" for i in range(7)]
+    assert len(runtime.calls_to("GET", "/logs/")) >= 4
+
+
+@pytest.mark.parametrize("pings", [False, True], ids=["keep-alive", "ping-line"])
+def test_a_server_that_closes_at_once_every_time_is_not_followed_forever(runtime, client, monkeypatch, pings):
+    """A clean close that brought no entry with a createdAt counts as a failure: a "ping" line,
+    delivered as rawText, is no sign of progress (it reset the count, and the loop never ended)."""
+    monkeypatch.setattr(cw, "LOG_RECONNECTS", 2)
+    runtime.log_close_after, runtime.keep_alive_every, runtime.pings = 0, 0.05, pings
+    run = client.start("sleep", {"seconds": 10})
+    with pytest.raises(cw.APIConnectionError, match="closed the log stream while the run goes on"):
+        list(run.logs())
+    assert len(runtime.calls_to("GET", "/logs/")) == 3
