@@ -69,7 +69,7 @@ from typing import (
     TypeVar,
     Union,
 )
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -1199,8 +1199,15 @@ def _check_headers(headers: Any) -> Dict[str, str]:
             raise ConfigurationError(f"bad header name {name!r}")
         if name.lower() in owned:
             raise ConfigurationError(f"the {name} header is the client's own: it cannot be set")
-        if not isinstance(value, str) or not _HEADER_VALUE.match(value) or not _is_latin_1(value):
-            raise ConfigurationError(f"bad value for the {name} header: want text with no control characters")
+        if (
+            not isinstance(value, str)
+            or not _HEADER_VALUE.match(value)
+            or value != value.strip()
+            or not _is_latin_1(value)
+        ):
+            raise ConfigurationError(
+                f"bad value for the {name} header: want Latin-1 text with no control characters or outer spaces"
+            )
     return dict(headers)
 
 
@@ -1291,7 +1298,7 @@ def _output_of(response: requests.Response) -> Any:
     charset = _CHARSET.search(parameters)
     encoding = charset.group(1) if charset else "utf-8"
     if media_type == "application/json" or media_type.endswith("+json"):
-        return _decode(_decoded_text(content, encoding) if charset else content)
+        return _decode(_decoded_text(content, encoding).lstrip("\ufeff") if charset else content)
     if media_type.startswith("text/"):
         return _decoded_text(content, encoding)
     if not media_type:
@@ -1521,7 +1528,8 @@ def _redirect_target(base_url: str, method: str, response: requests.Response) ->
     target = urljoin(response.url or base_url, location.strip())
     if _origin(target) is None or _origin(target) != _origin(base_url):
         return None, "it leaves the API's scheme, host and port, and the key must not"
-    return target.split("#", 1)[0], ""
+    api, parts = urlsplit(base_url), urlsplit(target)
+    return urlunsplit((api.scheme, api.netloc, parts.path, parts.query, "")), ""  # the API's spelling, no fragment
 
 
 def _origin(url: str) -> Optional[Tuple[str, str, int]]:

@@ -56,6 +56,8 @@ def lean():
         (b'{"a": "caf\xe9"}', "application/json; charset=latin-1", {"a": "café"}),
         (b'{"a": "caf\xc3\xa9"}', "application/json", {"a": "café"}),
         (b'{"a": "caf\xc3\xa9"}', "APPLICATION/JSON", {"a": "café"}),
+        (b'\xef\xbb\xbf{"a": 1}', "application/json; charset=utf-8", {"a": 1}),  # a byte order mark
+        (b'\xef\xbb\xbf{"a": 1}', "application/json", {"a": 1}),
         (
             b'{"title": "Out of stock", "status": 409}',
             "application/problem+json",
@@ -290,6 +292,8 @@ def test_headers_per_call_and_per_client_go_with_the_run(api):
         {"Host": "evil.example"},
         {"X-Ok": "line\r\nX-Injected: 1"},
         {"X-Ok": "snow ☃"},
+        {"X-Ok": " padded"},
+        {"X-Ok": "padded\t"},
         {"X-Ok": 3},
         {"Bad Name": "x"},
         {"": "x"},
@@ -414,6 +418,20 @@ def test_a_redirect_off_the_api_origin_is_refused_and_the_key_stays(api, lean, l
         lean.run("svc")
     assert info.value.status_code == 307
     assert len(api.calls) == 1
+
+
+def test_the_default_port_spelt_out_is_the_same_origin(api, lean):
+    api.post(f"{BASE}/run/svc", status=308, headers={"Location": "HTTPS://Runtime.Example:443/run/svc/"})
+    api.post(f"{BASE}/run/svc/", json=1)
+    assert lean.run("svc") == 1
+
+
+def test_a_redirect_loop_on_the_emulator_stops_and_runs_nothing(runtime, client):
+    runtime.fault("POST", "/run/echo", status=307, headers={"Location": f"{runtime.url}/run/echo"}, times=100)
+    with pytest.raises(cw.APIStatusError, match="more than 5 redirects in a row"):
+        client.run("echo")
+    assert len(runtime.calls_to("POST", "/run/echo")) == 1 + cw.MAX_REDIRECTS
+    assert runtime.executions["echo"] == 0
 
 
 def test_a_redirect_loop_stops_after_five(api, lean):
