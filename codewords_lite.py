@@ -69,7 +69,7 @@ from typing import (
     TypeVar,
     Union,
 )
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -104,11 +104,14 @@ logger.addHandler(logging.NullHandler())  # a library prints nothing unless its 
 
 DEFAULT_BASE_URL = "https://runtime.codewords.ai"
 API_KEY_ENV = "CODEWORDS_API_KEY"
-BASE_URL_ENVS = ("CODEWORDS_BASE_URL", "CODEWORDS_RUNTIME_URI")
+BASE_URL_ENVS = ("CODEWORDS_BASE_URL", "CODEWORDS_RUNTIME_URI", "RUNTIME_URI")  # first set wins
 USER_AGENT = "codewords-lite/" + __version__
 
 ONE_TIME_KEY_PREFIX = "cwotk-"  # such a key is spent by the first request that carries it
 PROVISION_HEADER = "X-Provisioned-Request-Id"
+OWN_HEADERS = ("Authorization", PROVISION_HEADER, "Content-Length", "Host", "Transfer-Encoding")  # not yours to set
+METHODS = ("POST", "GET")  # of a blocking run; a background run is always POST
+MAX_REDIRECTS = 5  # same-origin redirects followed in a row
 FALLBACKS = ("resume", "rerun", None)
 
 QUICK_READ_TIMEOUT = 30.0  # read timeout of the calls that answer at once
@@ -284,6 +287,7 @@ class Client:
     """A connection to the CodeWords runtime; safe to share between threads.
 
     The API key is read when first needed, so making a client never fails for a missing key.
+    ``headers`` go with every run it sends (X-Correlation-Id, Run-As-Template: yes).
     With a one-time key (``cwotk-``) every call sends exactly one request, since the first
     request spends the key: no retries, no provisioned id, no fallback, no log stream, one
     poll; a call that needs more (``on_log``, ``map``) is refused before anything is sent.
@@ -299,6 +303,7 @@ class Client:
         connect_timeout: float = 10.0,
         max_retries: int = 3,
         fallback: Optional[str] = "resume",
+        headers: Optional[Mapping[str, str]] = None,
         session: Optional[requests.Session] = None,
     ) -> None:
         if base_url is None:
@@ -311,6 +316,7 @@ class Client:
             raise ConfigurationError(f"max_retries must be a whole number >= 0, not {max_retries!r}")
         self.max_retries = max_retries
         self.fallback = _check_fallback(fallback)
+        self.headers = _check_headers(headers)  # sent with every run, under those of the call
         self._api_key = api_key
         self._given_session = session
         # Proxies and the CA bundle come from the environment once, not on every call.
@@ -328,7 +334,7 @@ class Client:
     def __getstate__(self) -> Dict[str, Any]:
         """A pickle carries the settings and a key given as an argument; never a key read from
         the environment (read again where it is unpickled), nor sessions or a given session."""
-        settings = ("base_url", "timeout", "sync_timeout", "connect_timeout", "max_retries", "fallback")
+        settings = ("base_url", "timeout", "sync_timeout", "connect_timeout", "max_retries", "fallback", "headers")
         return {"api_key": self._api_key, **{name: getattr(self, name) for name in settings}}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -356,15 +362,21 @@ class Client:
     def run(
         self,
         service_id: str,
-        inputs: Optional[Mapping[str, Any]] = None,
+        inputs: Any = None,
         *,
         path: str = "",
         timeout: Optional[float] = None,
         fallback: Optional[str] = _CLIENT_DEFAULT,
         on_log: Optional[Callable[[LogEntry], Any]] = None,
         request_id: Optional[str] = None,
+        method: str = "POST",
+        headers: Optional[Mapping[str, str]] = None,
     ) -> Any:
-        """Run a workflow, wait for it and return its output (decoded JSON, text or None).
+        """Run a workflow, wait for it and return its output: decoded JSON, a str for text, the
+        bytes of anything else (an image), None for an empty answer.
+
+        ``inputs`` is any JSON value; with ``method="GET"``, for a workflow's read-only routes,
+        a mapping sent as query parameters. ``headers`` go with the run, over the client's.
 
         If the gateway gives up (504) or the call outlives ``sync_timeout``, ``fallback``
         decides: "resume" waits for the same run by its provisioned id, "rerun" starts the
@@ -374,26 +386,33 @@ class Client:
         ``provision()``, names the run in advance, so that it can be found even if this
         process dies while it waits. A failure of the workflow itself raises RunFailed.
         """
-        plan = self._plan_run(service_id, inputs, path, timeout, fallback, on_log, request_id)
+        plan = self._plan_run(service_id, inputs, path, timeout, fallback, on_log, request_id, method, headers)
         return self._run(plan)
 
     def _plan_run(
         self,
         service_id: str,
-        inputs: Optional[Mapping[str, Any]],
+        inputs: Any,
         path: str,
         timeout: Optional[float],
         fallback: Optional[str],
         on_log: Optional[Callable[[LogEntry], Any]],
         request_id: Optional[str],
+        method: str = "POST",
+        headers: Optional[Mapping[str, str]] = None,
     ) -> _RunPlan:
         """Check a run's arguments and decide, before anything is sent, what it will send.
 
         A one-time key allows one request: no provision, no log stream, no fallback, no retry;
         what needs more is refused here.
         """
+        method, run_headers = _check_method(method), self._run_headers(headers)
         url_path = _service_path("run", service_id, path)
-        body = _encode_inputs(inputs)
+        body: Optional[bytes] = None
+        if method == "GET":
+            url_path += _query_of(inputs)
+        else:
+            body = _encode_inputs(inputs)
         deadline = self._deadline(timeout)
         if request_id is not None:
             _check_name("request id", request_id)
@@ -403,9 +422,14 @@ class Client:
                 raise ConfigurationError(_ONE_REQUEST.format("on_log streams logs"))
             if fallback is not _CLIENT_DEFAULT and fallback is not None:
                 raise ConfigurationError(_ONE_REQUEST.format(f"fallback={fallback!r} sends a second request"))
-            return _RunPlan(service_id, path, url_path, body, None, deadline, request_id, False, None)
-        provision = request_id is None and (chosen == "resume" or on_log is not None)
-        return _RunPlan(service_id, path, url_path, body, chosen, deadline, request_id, provision, on_log)
+            plan = _RunPlan(service_id, path, url_path, body, None, deadline, request_id, False, None)
+        else:
+            if method == "GET" and chosen == "rerun":
+                raise ConfigurationError("fallback='rerun' starts the run again with run_async, which takes POST only")
+            provision = request_id is None and (chosen == "resume" or on_log is not None)
+            plan = _RunPlan(service_id, path, url_path, body, chosen, deadline, request_id, provision, on_log)
+        plan.method, plan.headers = method, run_headers
+        return plan
 
     def _claim_id(self, plan: _RunPlan) -> None:
         """Provision the run's request id, if its plan asks for one."""
@@ -440,12 +464,15 @@ class Client:
 
     def _run_blocking(self, plan: _RunPlan) -> Any:
         """POST /run, and the plan's fallback if its answer is cut short."""
+        headers = dict(plan.headers)
+        if plan.request_id:
+            headers[PROVISION_HEADER] = plan.request_id
         try:
             response = self._request(
-                "POST",
+                plan.method,
                 plan.url_path,
                 body=plan.body,
-                headers={PROVISION_HEADER: plan.request_id} if plan.request_id else None,
+                headers=headers,
                 read_timeout=self.sync_timeout,
                 deadline=plan.deadline,
                 kind=_RUN,
@@ -465,18 +492,31 @@ class Client:
                 plan.follower.finish(drain=False)
                 plan.follower = None
             url_path = _service_path("run_async", plan.service_id, plan.path)
-            plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit).request_id
+            plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit, plan.headers).request_id
             if plan.on_log is not None:
                 plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
             return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
-        return _decode(response.content)
+        return _output_of(response)
 
-    def start(self, service_id: str, inputs: Optional[Mapping[str, Any]] = None, *, path: str = "") -> Run:
-        """Start a workflow in the background (POST /run_async) and return its Run."""
-        return self._start(_service_path("run_async", service_id, path), _encode_inputs(inputs), self._deadline(None))
+    def start(
+        self, service_id: str, inputs: Any = None, *, path: str = "", headers: Optional[Mapping[str, str]] = None
+    ) -> Run:
+        """Start a workflow in the background (POST /run_async) and return its Run; ``inputs``
+        and ``headers`` as for ``run()``."""
+        url_path, run_headers = _service_path("run_async", service_id, path), self._run_headers(headers)
+        return self._start(url_path, _encode_inputs(inputs), self._deadline(None), headers=run_headers)
 
-    def _start(self, url_path: str, body: bytes, deadline: float, admit: Optional[Callable[[], None]] = None) -> Run:
-        response = self._request("POST", url_path, body=body, deadline=deadline, kind=_START, admit=admit)
+    def _start(
+        self,
+        url_path: str,
+        body: Optional[bytes],
+        deadline: float,
+        admit: Optional[Callable[[], None]] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ) -> Run:
+        response = self._request(
+            "POST", url_path, body=body, deadline=deadline, kind=_START, admit=admit, headers=headers
+        )
         return Run(self, _request_id_in(response))
 
     def provision(self) -> str:
@@ -486,7 +526,7 @@ class Client:
     def map(
         self,
         service_id: str,
-        inputs: Iterable[Optional[Mapping[str, Any]]],
+        inputs: Iterable[Any],
         *,
         max_workers: int = 8,
         ordered: bool = True,
@@ -495,6 +535,7 @@ class Client:
         on_progress: Optional[Callable[[int, Optional[int]], Any]] = None,
         path: str = "",
         fallback: Optional[str] = _CLIENT_DEFAULT,
+        headers: Optional[Mapping[str, str]] = None,
     ) -> Iterator[Any]:
         """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
 
@@ -506,7 +547,8 @@ class Client:
         total)`` is called as runs finish (total is None when ``inputs`` has no length). After
         Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on.
         """
-        _service_path("run", service_id, path)  # bad names fail here, not in every worker
+        _service_path("run", service_id, path)  # bad names and headers fail here, not in every worker
+        self._run_headers(headers)
         if self._one_time_key():
             raise ConfigurationError(_ONE_REQUEST.format("map sends a request an item"))
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
@@ -516,7 +558,7 @@ class Client:
         if fallback is not _CLIENT_DEFAULT:
             _check_fallback(fallback)
         total = len(inputs) if isinstance(inputs, collections.abc.Sized) else None
-        options = {"path": path, "timeout": timeout, "fallback": fallback}
+        options = {"path": path, "timeout": timeout, "fallback": fallback, "headers": headers}
         return self._map(service_id, inputs, options, max_workers, ordered, return_exceptions, on_progress, total)
 
     def _map(
@@ -587,7 +629,8 @@ class Client:
 
     def _map_item(self, service_id: str, item: Any, options: Dict[str, Any], index: int, gate: _MapGate) -> Any:
         """One item of a map: a run planned and sent unless the map has stopped."""
-        plan = self._plan_run(service_id, item, options["path"], options["timeout"], options["fallback"], None, None)
+        path, timeout, fallback, headers = options["path"], options["timeout"], options["fallback"], options["headers"]
+        plan = self._plan_run(service_id, item, path, timeout, fallback, None, None, "POST", headers)
         plan.admit = lambda: gate.admit(index, plan.request_id)
         gate.check()
         try:
@@ -911,6 +954,13 @@ class Client:
                 record=record,
             )
 
+    def _run_headers(self, headers: Optional[Mapping[str, str]]) -> Dict[str, str]:
+        """A run's own headers: any type of answer accepted, then the client's, then the call's."""
+        merged = requests.structures.CaseInsensitiveDict({"Accept": "*/*"})
+        merged.update(_check_headers(self.headers))  # checked again: the attribute can be changed
+        merged.update(_check_headers(headers))
+        return dict(merged)
+
     def _headers(self) -> Dict[str, str]:
         """The headers of every API call, with the key read now if it was not given."""
         return {
@@ -941,6 +991,29 @@ class Client:
         stream: bool,
         deadline: float,
     ) -> requests.Response:
+        """An API call's exchange, following at most MAX_REDIRECTS redirects that stay on the
+        API's scheme, host and port (see _redirect_target): the answer to the last one."""
+        url = self.base_url + url_path
+        for _ in range(MAX_REDIRECTS):
+            response = self._exchange(method, url, body, headers, timeout, stream, deadline)
+            target, _why = _redirect_target(self.base_url, method, response)
+            if target is None:
+                return response
+            response.close()
+            logger.debug("%s %s redirected (%d) to %s", method, _strip_query(url), response.status_code, target)
+            url = target
+        return self._exchange(method, url, body, headers, timeout, stream, deadline)
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        body: Optional[bytes],
+        headers: Dict[str, str],
+        timeout: Tuple[float, float],
+        stream: bool,
+        deadline: float,
+    ) -> requests.Response:
         """One HTTP exchange, its whole answer read by the deadline (its headers, if streamed).
 
         It goes through a session given to the client, as it is set up but for its credentials
@@ -949,7 +1022,6 @@ class Client:
         environment (a fifth of a call's time on loopback), watched by the watchdog.
         """
         self._check_open()
-        url = self.base_url + url_path
         if self._given_session is not None:
             response = self._given_session.request(
                 method,
@@ -992,7 +1064,10 @@ class Client:
         message = f"{status} {reason} from {method} {_strip_query(url_path)}".replace("  ", " ")
         if 300 <= status < 400:
             location = _without_key(response.headers.get("Location"), response)
-            message += f": redirected to {location!r}, which is not followed"
+            why = (
+                _redirect_target(self.base_url, method, response)[1] or f"more than {MAX_REDIRECTS} redirects in a row"
+            )
+            message += f": redirected to {location!r}, which is not followed: {why}"
         elif detail not in (None, ""):
             message += ": " + _describe(detail)
         if request_id:
@@ -1015,7 +1090,12 @@ class Client:
 # ---------------------------------------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
+_OUTPUT_FIELDS = ("responseStatus", "responseJson", "responseContent")  # a finished record has one
+_CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
+_PATH_SAFE = "!$&'()*+,;=:@"  # kept as they are in a path segment (RFC 3986 pchar); all else is encoded
 _KEY = re.compile(r"[\x21-\x7e]+\Z")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
+_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")  # no line breaks or control characters
 _ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _SSE_FIELD = re.compile(r":|(data|id|event|retry)(:|\Z)")
@@ -1083,29 +1163,100 @@ def _check_fallback(fallback: Any) -> Optional[str]:
 
 
 def _check_name(what: str, name: Any) -> str:
-    """A service id, path segment or request id: letters, digits, '_', '-' and '.'."""
+    """A service id or request id: letters, digits, '_', '-' and '.'."""
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
         raise ConfigurationError(f"bad {what} {name!r}: use letters, digits, '_', '-' and '.'")
     return name
 
 
 def _service_path(kind: str, service_id: str, path: str) -> str:
-    """``/run/{service_id}[/{path}]`` (or run_async), with every part checked."""
+    """``/run/{service_id}[/{path}]`` (or run_async): a checked service id, and each segment of
+    the path percent-encoded, so that any characters arrive as given (``a b``, ``items:batch``)."""
     url_path = f"/{kind}/{_check_name('service id', service_id)}"
     if not isinstance(path, str):
         raise ConfigurationError(f"bad path {path!r}: want a string such as 'reports/daily'")
     if path.strip("/"):
         for segment in path.strip("/").split("/"):
-            url_path += "/" + _check_name("path segment", segment)
+            if segment in ("", ".", ".."):
+                raise ConfigurationError(f"bad path {path!r}: a segment is empty, '.' or '..'")
+            try:
+                url_path += "/" + quote(segment, safe=_PATH_SAFE)
+            except UnicodeEncodeError:
+                raise ConfigurationError(f"bad path {path!r}: it is not valid Unicode") from None
     return url_path
 
 
-def _encode_inputs(inputs: Optional[Mapping[str, Any]]) -> bytes:
-    """The request body: the inputs as compact UTF-8 JSON (``{}`` for None)."""
+def _check_headers(headers: Any) -> Dict[str, str]:
+    """Headers of the caller's own (X-Correlation-Id, Run-As-Template): strings that HTTP can
+    carry, and none of those the client sets itself."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigurationError(f"headers must be a mapping of names to values, not {type(headers).__name__}")
+    owned = {name.lower() for name in OWN_HEADERS}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise ConfigurationError(f"bad header name {name!r}")
+        if name.lower() in owned:
+            raise ConfigurationError(f"the {name} header is the client's own: it cannot be set")
+        if (
+            not isinstance(value, str)
+            or not _HEADER_VALUE.match(value)
+            or value != value.strip()
+            or not _is_latin_1(value)
+        ):
+            raise ConfigurationError(
+                f"bad value for the {name} header: want Latin-1 text with no control characters or outer spaces"
+            )
+    return dict(headers)
+
+
+def _is_latin_1(text: str) -> bool:
+    """Whether a header value can go on the wire: HTTP headers are bytes, read as ISO-8859-1."""
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_method(method: Any) -> str:
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise ConfigurationError(f"method must be 'POST' or 'GET', not {method!r}")
+    return method.upper()
+
+
+def _query_of(inputs: Any) -> str:
+    """The inputs of a GET as a query string: a mapping of names to strings, numbers or booleans
+    (or lists of them, for a repeated parameter); a None value leaves its name out."""
+    if inputs is None:
+        return ""
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs of a GET become query parameters: want a mapping, not {type(inputs).__name__}")
+    pairs = []
+    for name, value in inputs.items():
+        if not isinstance(name, str):
+            raise TypeError(f"query parameter names must be strings, not {name!r}")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue
+            if isinstance(item, bool):
+                text = "true" if item else "false"  # as FastAPI and JSON spell them
+            elif isinstance(item, (str, int)) or (isinstance(item, float) and math.isfinite(item)):
+                text = str(item)
+            else:
+                raise TypeError(f"query parameter {name!r} must be a string, number or boolean, not {item!r}")
+            try:
+                pairs.append(quote(name, safe="") + "=" + quote(text, safe=""))
+            except UnicodeEncodeError:
+                raise TypeError(f"query parameter {name!r} is not valid Unicode") from None
+    return "?" + "&".join(pairs) if pairs else ""
+
+
+def _encode_inputs(inputs: Any) -> bytes:
+    """The request body: the inputs, any JSON value, as compact UTF-8 JSON (``{}`` for None)."""
     if inputs is None:
         return b"{}"
-    if not isinstance(inputs, Mapping):
-        raise TypeError(f"inputs must be a mapping of input names to values, not {type(inputs).__name__}")
     try:
         return _json_text(inputs, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
@@ -1133,6 +1284,39 @@ def _decode(content: Union[bytes, str]) -> Any:
         raise CodewordsError("the server answered with JSON nested too deeply to read") from None
     except ValueError:
         return content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+
+
+def _output_of(response: requests.Response) -> Any:
+    """A workflow's answer as its Content-Type says: JSON decoded, ``text/*`` as str in its
+    charset (UTF-8 if it names none), anything else as bytes; with no type, JSON if it parses,
+    else bytes. An empty body is None."""
+    content = response.content
+    if not content:
+        return None
+    media_type, _, parameters = response.headers.get("Content-Type", "").partition(";")
+    media_type = media_type.strip().lower()
+    charset = _CHARSET.search(parameters)
+    encoding = charset.group(1) if charset else "utf-8"
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return _decode(_decoded_text(content, encoding).lstrip("\ufeff") if charset else content)
+    if media_type.startswith("text/"):
+        return _decoded_text(content, encoding)
+    if not media_type:
+        try:
+            return json.loads(content)
+        except RecursionError:
+            raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+        except ValueError:
+            pass
+    return content
+
+
+def _decoded_text(content: bytes, encoding: str) -> str:
+    """Bytes as text in the named encoding, or in UTF-8 if Python has no such text encoding."""
+    try:
+        return content.decode(encoding, "replace")
+    except (LookupError, ValueError):  # no such codec, not a text codec, or a name with a NUL in it
+        return content.decode("utf-8", "replace")
 
 
 def _answer(response: requests.Response) -> Any:
@@ -1214,15 +1398,24 @@ def _record_in(response: requests.Response, request_id: str) -> Dict[str, Any]:
 
 def _output(record: Dict[str, Any], request_id: str) -> Any:
     """A finished run's output, or RunFailed if the workflow answered with an error status."""
+    if all(record.get(field) is None for field in _OUTPUT_FIELDS):
+        raise APIStatusError(
+            f"the record of run {request_id} has none of {', '.join(_OUTPUT_FIELDS)}:"
+            f" its fields are {', '.join(map(str, record)) or 'none'}",
+            body=record,
+            request_id=request_id,
+        )
     status = record.get("responseStatus")
     if isinstance(status, str) and status.isdigit():
         status = int(status)
     output = record.get("responseJson")
     if output is None and isinstance(record.get("responseContent"), str):
         output = _decode(record["responseContent"])
-    if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
+    if isinstance(status, int) and not isinstance(status, bool) and status >= 300:
         detail = output.get("detail", output) if isinstance(output, dict) else output
         message = f"run {request_id} failed with status {status}"
+        if status < 400:
+            message += " (a redirect, which a run read from its record cannot follow: check the path)"
         if detail not in (None, ""):
             message += ": " + _describe(detail)
         raise RunFailed(message, status_code=status, detail=detail, body=output, request_id=request_id, record=record)
@@ -1323,6 +1516,35 @@ def _sleep_until_at_most(seconds: float, deadline: float) -> None:
     time.sleep(max(0.0, min(seconds, deadline - time.monotonic())))
 
 
+def _redirect_target(base_url: str, method: str, response: requests.Response) -> Tuple[Optional[str], str]:
+    """Where a redirect may be followed, or None and why not: to the API's own scheme, host and
+    port only, so that the key never travels; 307 and 308 keep the method and body, 301, 302 and
+    303 are followed for a GET only (a POST would become a GET without its inputs)."""
+    status, location = response.status_code, response.headers.get("Location", "")
+    if status not in (301, 302, 303, 307, 308) or not location:
+        return None, "it says nowhere to go"
+    if status in (301, 302, 303) and method != "GET":
+        return None, f"a {status} would turn the {method} into a GET without its body"
+    target = urljoin(response.url or base_url, location.strip())
+    if _origin(target) is None or _origin(target) != _origin(base_url):
+        return None, "it leaves the API's scheme, host and port, and the key must not"
+    api, parts = urlsplit(base_url), urlsplit(target)
+    return urlunsplit((api.scheme, api.netloc, parts.path, parts.query, "")), ""  # the API's spelling, no fragment
+
+
+def _origin(url: str) -> Optional[Tuple[str, str, int]]:
+    """Scheme, host and port of a URL (the port its scheme's default if none); None if it has a
+    user or password, which requests would send as credentials in place of the key."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme, 0)
+    except ValueError:
+        return None
+    if parts.username is not None or parts.password is not None or not parts.hostname:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
 def _strip_query(url_path: str) -> str:
     return url_path.split("?", 1)[0]
 
@@ -1351,7 +1573,7 @@ class _RunPlan:
         service_id: str,
         path: str,
         url_path: str,
-        body: bytes,
+        body: Optional[bytes],
         fallback: Optional[str],
         deadline: float,
         request_id: Optional[str],
@@ -1363,6 +1585,8 @@ class _RunPlan:
         self.provision = provision  # a request id is to be provisioned before the run is sent
         self.on_log = on_log
         self.admit: Optional[Callable[[], None]] = None  # called before each send: map's stop
+        self.method = "POST"
+        self.headers: Dict[str, str] = {}  # the run's own: the client's and the call's
         self.follower: Optional[_LogFollower] = None  # streaming the logs of the run sent
 
 
@@ -2208,9 +2432,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEADLINE, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 
 _CLI_EPILOG = f"""\
 The API key comes from ${API_KEY_ENV} only: a key on the command line would leak into the
-shell history and `ps`. Standard output holds only the result, as JSON; everything else goes
-to standard error. INPUTS is a JSON object, @file.json, or - for standard input; -i key=value
-adds a field, its value taken as JSON when it parses (n=3, ok=true), else as a string.
+shell history and `ps`. Standard output holds only the result, as JSON (bytes, such as an
+image, as they came); everything else goes to standard error. INPUTS is JSON, @file.json, or -
+for standard input; -i key=value adds a field to an object, its value taken as JSON when it
+parses (n=3, ok=true), else as a string.
 
 exit codes:
   {EXIT_OK}    success
@@ -2252,7 +2477,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         code, message = _cli_failure(error)
         print(f"codewords-lite: {message}", file=sys.stderr)
         return code
-    if output is not _NO_OUTPUT:
+    if isinstance(output, bytes):  # an image, a PDF: as it came, for `> file.png`
+        sys.stdout.flush()
+        sys.stdout.buffer.write(output)
+        sys.stdout.buffer.flush()
+    elif output is not _NO_OUTPUT:
         layout: Dict[str, Any] = {"indent": 2} if sys.stdout.isatty() else {"separators": (",", ":")}
         print(_json_text(_unechoed(output), **layout))
     return EXIT_OK
@@ -2302,7 +2531,7 @@ def _cli_parser(argparse: Any) -> Any:
 
     def inputs_arguments(sub: Any) -> None:
         sub.add_argument("service_id", metavar="SERVICE_ID")
-        sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="a JSON object, @file.json, or - for stdin")
+        sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="JSON, @file.json, or - for stdin")
         sub.add_argument("-i", dest="fields", metavar="KEY=VALUE", action="append", default=[], help="an input field")
         sub.add_argument("--path", default="", help="a path after the service id")
 
@@ -2377,7 +2606,7 @@ def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
     return _NO_OUTPUT
 
 
-def _cli_inputs(args: Any) -> Dict[str, Any]:
+def _cli_inputs(args: Any) -> Any:
     """INPUTS (JSON, @file or - for stdin) with the -i fields on top."""
     import sys
 
@@ -2402,12 +2631,12 @@ def _cli_inputs(args: Any) -> Dict[str, Any]:
             inputs = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise _UsageError(f"INPUTS is not valid JSON: {exc}") from None
-        if not isinstance(inputs, dict):
-            raise _UsageError(f"INPUTS must be a JSON object, not {type(inputs).__name__}")
+    if args.fields and not isinstance(inputs, dict):
+        raise _UsageError(f"-i adds a field to a JSON object, and INPUTS is a {type(inputs).__name__}")
     for field in args.fields:
         key, value = _parse_field(field)
         inputs[key] = value
-    return inputs  # type: ignore[no-any-return]
+    return inputs
 
 
 def _parse_field(field: str) -> Tuple[str, Any]:

@@ -26,10 +26,13 @@ __version__: str
 logger: logging.Logger
 DEFAULT_BASE_URL: str
 API_KEY_ENV: str
-BASE_URL_ENVS: tuple[str, str]
+BASE_URL_ENVS: tuple[str, str, str]
 USER_AGENT: str
 ONE_TIME_KEY_PREFIX: str
 PROVISION_HEADER: str
+OWN_HEADERS: tuple[str, str, str, str, str]
+METHODS: tuple[str, str]
+MAX_REDIRECTS: int
 FALLBACKS: tuple[str, str, None]
 QUICK_READ_TIMEOUT: float
 LONG_POLL_MAX: int
@@ -138,6 +141,7 @@ class Client:
     """A connection to the CodeWords runtime; safe to share between threads.
 
     The API key is read when first needed, so making a client never fails for a missing key.
+    ``headers`` go with every run it sends (X-Correlation-Id, Run-As-Template: yes).
     With a one-time key (``cwotk-``) every call sends exactly one request, since the first
     request spends the key: no retries, no provisioned id, no fallback, no log stream, one
     poll; a call that needs more (``on_log``, ``map``) is refused before anything is sent.
@@ -149,6 +153,7 @@ class Client:
     connect_timeout: float
     max_retries: int
     fallback: str | None
+    headers: dict[str, str]
     def __init__(
         self,
         api_key: str | None = None,
@@ -159,6 +164,7 @@ class Client:
         connect_timeout: float = 10.0,
         max_retries: int = 3,
         fallback: str | None = "resume",
+        headers: Mapping[str, str] | None = None,
         session: requests.Session | None = None,
     ) -> None: ...
     def __enter__(self) -> Client: ...
@@ -169,15 +175,21 @@ class Client:
     def run(
         self,
         service_id: str,
-        inputs: Mapping[str, Any] | None = None,
+        inputs: Any = None,
         *,
         path: str = "",
         timeout: float | None = None,
         fallback: str | None = ...,
         on_log: Callable[[LogEntry], Any] | None = None,
         request_id: str | None = None,
+        method: str = "POST",
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
-        """Run a workflow, wait for it and return its output (decoded JSON, text or None).
+        """Run a workflow, wait for it and return its output: decoded JSON, a str for text, the
+        bytes of anything else (an image), None for an empty answer.
+
+        ``inputs`` is any JSON value; with ``method="GET"``, for a workflow\'s read-only routes,
+        a mapping sent as query parameters. ``headers`` go with the run, over the client\'s.
 
         If the gateway gives up (504) or the call outlives ``sync_timeout``, ``fallback``
         decides: "resume" waits for the same run by its provisioned id, "rerun" starts the
@@ -187,14 +199,17 @@ class Client:
         ``provision()``, names the run in advance, so that it can be found even if this
         process dies while it waits. A failure of the workflow itself raises RunFailed.
         """
-    def start(self, service_id: str, inputs: Mapping[str, Any] | None = None, *, path: str = "") -> Run:
-        """Start a workflow in the background (POST /run_async) and return its Run."""
+    def start(
+        self, service_id: str, inputs: Any = None, *, path: str = "", headers: Mapping[str, str] | None = None
+    ) -> Run:
+        """Start a workflow in the background (POST /run_async) and return its Run; ``inputs``
+        and ``headers`` as for ``run()``."""
     def provision(self) -> str:
         """A new request id, for ``run(request_id=...)``: the run can then be found by it."""
     def map(
         self,
         service_id: str,
-        inputs: Iterable[Mapping[str, Any] | None],
+        inputs: Iterable[Any],
         *,
         max_workers: int = 8,
         ordered: bool = True,
@@ -203,6 +218,7 @@ class Client:
         on_progress: Callable[[int, int | None], Any] | None = None,
         path: str = "",
         fallback: str | None = ...,
+        headers: Mapping[str, str] | None = None,
     ) -> Iterator[Any]:
         """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
 

@@ -13,9 +13,14 @@ import codewords_lite as cw
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
-    """No test sees the caller's CODEWORDS_* settings, proxies or CA bundle."""
+    """No test sees the caller's CODEWORDS_* settings or RUNTIME_URI, proxies or CA bundle."""
     for name in list(os.environ):
-        if name.startswith("CODEWORDS_") or name.lower().endswith("_proxy") or name.endswith("CA_BUNDLE"):
+        if (
+            name.startswith("CODEWORDS_")
+            or name == "RUNTIME_URI"
+            or name.lower().endswith("_proxy")
+            or name.endswith("CA_BUNDLE")
+        ):
             monkeypatch.delenv(name)
 
 

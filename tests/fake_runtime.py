@@ -13,11 +13,17 @@ can play a gateway that answers 504 while the run goes on, and takes injected fa
 with Retry-After, dropped connections, slow, trickled and truncated answers. One-time keys (cwotk-)
 are spent by the first request that carries them. A second server on another port plays the
 storage host that presigned upload URLs point to.
+
+``FakeRuntime(workflows={"service-id": "http://127.0.0.1:PORT"})`` puts real workflows (FastAPI
+apps, see tests/workflows/) behind it: ``/run/{service}/{path}`` and ``/run_async/...`` are
+forwarded to them as the runtime does, their status, headers and body passed through, and the
+request record filled from their answer.
 """
 
 import collections
 import datetime
 import hashlib
+import http.client
 import itertools
 import json
 import random
@@ -86,6 +92,11 @@ def _empty(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
     return 204, b"", "text/plain"
 
 
+def _echo_bytes(inputs: Any, log: Callable[[str], None]) -> Tuple[int, Any, str]:
+    """Answers the bytes given as ``hex``, as an image."""
+    return 200, bytes.fromhex(inputs.get("hex", "")), "image/png"
+
+
 def _script(inputs: Any, log: Callable[[Any], None]) -> Tuple[int, Any, str]:
     """Writes the log ``entries`` given, exactly as given (timestamps too), ``interval`` seconds apart."""
     for entry in inputs["entries"]:
@@ -110,9 +121,11 @@ SERVICES = {
     "refuse": _refuse,
     "text": _text,
     "empty": _empty,
+    "echo-bytes": _echo_bytes,
     "talk": _talk,
     "script": _script,
 }
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "host"}
 RETURNED_ERRORS = {"refuse"}  # workflows whose error answers carry no Error-Origin header
 
 
@@ -159,8 +172,10 @@ class FakeRuntime:
         hold_polls: bool = True,
         ndjson: bool = True,
         port: int = 0,
+        workflows: Optional[Dict[str, str]] = None,
     ) -> None:
         self.api_key = api_key
+        self.workflows = dict(workflows or {})  # service id -> base URL of a real workflow
         self.gateway_timeout = gateway_timeout  # a blocking /run or /result held longer answers 504
         self.hold_polls = hold_polls  # False: /result answers 408 at once instead of holding
         self.ndjson = ndjson  # False: /logs sends SSE "data:" lines
@@ -194,6 +209,7 @@ class FakeRuntime:
         self.faults: List[Fault] = []
         self.faults_applied: collections.Counter = collections.Counter()  # kind -> how many
         self.records: Dict[str, Dict[str, Any]] = {}
+        self.answers: Dict[str, Tuple[int, Dict[str, str], bytes]] = {}  # request id -> status, headers, body
         self.log_entries: Dict[str, List[Dict[str, Any]]] = collections.defaultdict(list)
         self.uploads: Dict[str, Dict[str, Any]] = {}  # token -> size, sha256, headers, content (small ones)
         self.upload_headers: Optional[Dict[str, str]] = None  # answered by POST /file when set
@@ -273,7 +289,7 @@ class FakeRuntime:
                 self.records[request_id]["serviceId"] = service_id
         return request_id
 
-    def execute(self, request_id: str, service_id: str, inputs: Any) -> None:
+    def execute(self, request_id: str, service_id: str, request: "Forwarded") -> None:
         """Run a workflow to its end, recording its answer and logs under the request id."""
         with self.lock:
             self.executions[service_id] += 1
@@ -297,16 +313,20 @@ class FakeRuntime:
                 entries.append({"createdAt": created, "level": "INFO", "message": message})
                 self.lock.notify_all()
 
-        status, body, content_type = SERVICES[service_id](inputs, log)
+        if service_id in self.workflows:
+            try:
+                status, headers, body = request.forward(self.workflows[service_id], request_id)
+            except OSError as exc:  # the workflow is down or hung up: the gateway's own answer
+                status, headers, body = 502, {"Content-Type": "text/plain"}, f"bad gateway: {exc}".encode()
+        else:
+            status, output, content_type = SERVICES[service_id](request.inputs, log)
+            body = json.dumps(output).encode() if content_type == "application/json" else output
+            headers = {"Content-Type": content_type}
+            if status >= 400 and service_id not in RETURNED_ERRORS:  # as the official package's handlers do
+                headers["Error-Origin"] = "service"
         with self.lock:
-            record = self.records[request_id]
-            record["responseStatus"] = status
-            if content_type == "application/json":
-                record["responseJson"] = body
-                record["responseContent"] = json.dumps(body)
-            else:
-                record["responseContent"] = body.decode()
-            record["completedAt"] = now_iso()
+            self.answers[request_id] = (status, headers, body)
+            self.records[request_id].update(_record_fields(status, headers, body), completedAt=now_iso())
             self.running -= 1
             self.lock.notify_all()
 
@@ -325,6 +345,50 @@ class FakeRuntime:
             if key.startswith("cwotk-"):
                 self.spent_keys.add(key)
         return True
+
+
+class Forwarded:
+    """A run as the gateway received it, to hand to a workflow: method, path after the service id,
+    query, headers and body."""
+
+    def __init__(self, method: str, path: str, query: str, headers: Dict[str, str], body: bytes) -> None:
+        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+        self.inputs: Any = None  # for an emulated service, set by the handler
+
+    def parse_inputs(self) -> Any:
+        """The inputs of an emulated service: the JSON body, or the query of a GET."""
+        if self.method == "GET":
+            return {name: values[0] for name, values in parse_qs(self.query).items()}
+        return json.loads(self.body or b"{}")
+
+    def forward(self, base_url: str, request_id: str) -> Tuple[int, Dict[str, str], bytes]:
+        """Send the run to a real workflow and return its answer, as the runtime's proxy does."""
+        host, port = urlsplit(base_url).hostname, urlsplit(base_url).port
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"authorization"}}
+        headers["X-Request-Id"] = request_id
+        connection = http.client.HTTPConnection(host or "", port, timeout=60)
+        try:
+            target = self.path + ("?" + self.query if self.query else "")
+            connection.request(self.method, target, body=self.body or None, headers=headers)
+            answer = connection.getresponse()
+            body = answer.read()
+        finally:
+            connection.close()
+        return answer.status, {k: v for k, v in answer.getheaders() if k.lower() not in HOP_BY_HOP}, body
+
+
+def _record_fields(status: int, headers: Dict[str, str], body: bytes) -> Dict[str, Any]:
+    """The fields of a request record filled from a workflow's answer: its status, its text, and
+    its JSON when it is JSON (binary output is kept as text with U+FFFD: a record holds text)."""
+    fields: Dict[str, Any] = {"responseStatus": status, "responseContent": body.decode("utf-8", "replace")}
+    content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        try:
+            fields["responseJson"] = json.loads(body)
+        except ValueError:
+            pass
+    return fields
 
 
 class _Server(ThreadingHTTPServer):
@@ -468,8 +532,10 @@ class _ApiHandler(_Handler):
         route = (method, segments[0])
         if route == ("POST", "provision-request"):
             return self.send(200, {"request_id": runtime.new_record()})
-        if route in (("POST", "run"), ("POST", "run_async")) and len(segments) >= 2:
-            return self.run(segments[0], segments[1], body, fault)
+        if segments[0] in ("run", "run_async") and len(segments) >= 2:
+            rest = path[len(f"/{segments[0]}/{segments[1]}") :] or "/"
+            forwarded = Forwarded(method, rest, parts.query, dict(self.headers), body)
+            return self.run(segments[0], segments[1], forwarded, fault)
         if route == ("GET", "result") and len(segments) == 2:
             return self.result(segments[1], float(query.get("timeout", ["0"])[0]))
         if route == ("GET", "request") and len(segments) == 2:
@@ -484,14 +550,17 @@ class _ApiHandler(_Handler):
     def not_found(self) -> None:
         self.send(404, {"detail": "Not Found"})
 
-    def run(self, kind: str, service_id: str, body: bytes, fault: Optional[Fault]) -> None:
+    def run(self, kind: str, service_id: str, request: Forwarded, fault: Optional[Fault]) -> None:
         runtime = self.runtime
-        if service_id not in SERVICES:
+        if request.method not in (("POST",) if kind == "run_async" else ("POST", "GET")):
+            return self.send(405, {"detail": "Method Not Allowed"})
+        if service_id not in SERVICES and service_id not in runtime.workflows:
             return self.send(404, {"detail": f"Service {service_id} not found"})
-        try:
-            inputs = json.loads(body or b"{}")
-        except ValueError:
-            return self.send(422, {"detail": [{"loc": ["body"], "msg": "invalid JSON"}]})
+        if service_id not in runtime.workflows:
+            try:
+                request.inputs = request.parse_inputs()
+            except ValueError:
+                return self.send(422, {"detail": [{"loc": ["body"], "msg": "invalid JSON"}]})
         provisioned = self.headers.get("X-Provisioned-Request-Id")
         if provisioned and provisioned not in runtime.records:
             return self.send(404, {"detail": "Provisioned request not found"})
@@ -508,26 +577,36 @@ class _ApiHandler(_Handler):
                 headers={"Retry-After": runtime.rate_limit_retry_after},
             )
         request_id = runtime.new_record(service_id, provisioned)
-        worker = threading.Thread(target=runtime.execute, args=(request_id, service_id, inputs), daemon=True)
+        with runtime.lock:  # an id sent again (a redirect followed) starts afresh
+            runtime.answers.pop(request_id, None)
+            for field in ("responseStatus", "responseJson", "responseContent", "completedAt"):
+                runtime.records[request_id].pop(field, None)
+        worker = threading.Thread(target=runtime.execute, args=(request_id, service_id, request), daemon=True)
         worker.start()
         if kind == "run_async":
             if fault and fault.after_run and self.apply(fault):
                 return
             return self.send(200, {"request_id": request_id})
         with runtime.lock:
-            finished = runtime.lock.wait_for(
-                lambda: runtime.records[request_id].get("completedAt"), runtime.gateway_timeout
-            )
-            record = dict(runtime.records[request_id])
+            finished = runtime.lock.wait_for(lambda: request_id in runtime.answers, runtime.gateway_timeout)
+            answer = runtime.answers.get(request_id)
         if fault and fault.after_run and self.apply(fault):
             return
-        if not finished:
+        if not finished or answer is None:
             return self.send(504, b"upstream request timeout", content_type="text/plain")
-        status = record["responseStatus"]
-        headers = {"Error-Origin": "service"} if status >= 400 and service_id not in RETURNED_ERRORS else {}
-        if "responseJson" in record:
-            return self.send(status, record["responseJson"], headers=headers)
-        return self.send(status, record["responseContent"].encode(), content_type="text/plain", headers=headers)
+        status, headers, body = answer
+        self.pass_through(status, headers, body, f"{runtime.workflows.get(service_id)}", f"/{kind}/{service_id}")
+
+    def pass_through(self, status: int, headers: Dict[str, str], body: bytes, origin: str, mounted: str) -> None:
+        """Send a workflow's answer on as it is, with its own URLs in Location mapped to the runtime's."""
+        self.send_response(status)
+        for name, value in headers.items():
+            if name.lower() == "location" and value.startswith(origin):
+                value = self.runtime.url + mounted + value[len(origin) :]
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def result(self, request_id: str, timeout: float) -> None:
         runtime = self.runtime

@@ -84,7 +84,7 @@ def test_fields_override_inputs_from_a_file_and_from_stdin(cli, tmp_path):
     "args, message",
     [
         (["run", "echo", "{not json"], "INPUTS is not valid JSON"),
-        (["run", "echo", "[1, 2]"], "INPUTS must be a JSON object"),
+        (["run", "echo", "[1, 2]", "-i", "a=1"], "-i adds a field to a JSON object, and INPUTS is a list"),
         (["run", "echo", "-i", "novalue"], "-i takes KEY=VALUE"),
         (["run", "echo", "@/nonexistent/inputs.json"], "No such file"),
         (["run", "bad/id"], "bad service id"),

@@ -36,6 +36,9 @@ def test_a_key_with_a_newline_is_refused_without_showing_it(runtime):
 
 
 def test_base_url_from_the_environment_in_order(monkeypatch):
+    """RUNTIME_URI, which the official synchronous client reads, is the last place looked at."""
+    monkeypatch.setenv("RUNTIME_URI", "https://third.example")
+    assert cw.Client().base_url == "https://third.example"
     monkeypatch.setenv("CODEWORDS_RUNTIME_URI", "https://second.example/")
     assert cw.Client().base_url == "https://second.example"
     monkeypatch.setenv("CODEWORDS_BASE_URL", "https://first.example/prefix/")
@@ -115,9 +118,10 @@ def test_bad_settings(name, value):
         ("svc", "a//b"),
         ("svc", "../admin"),
         ("svc", "a/./b"),
-        ("svc", "a b"),
-        ("svc", "q?x"),
+        ("svc", "a/.."),
+        ("svc", "\ud800"),
         ("svc", None),
+        ("svc", b"bytes"),
     ],
 )
 def test_bad_service_ids_and_paths_send_nothing(runtime, client, service_id, path):
@@ -140,9 +144,9 @@ def test_bad_request_ids_send_nothing(runtime, client, request_id):
 
 
 @pytest.mark.parametrize(
-    "inputs", [{"when": object()}, {"x": {1, 2}}, {"f": float("nan")}, {"b": b"bytes"}, [1, 2], "text", 3]
+    "inputs", [{"when": object()}, {"x": {1, 2}}, {"f": float("nan")}, {"b": b"bytes"}, [object()], b"raw", {1, 2}]
 )
-def test_inputs_that_are_not_a_json_object_raise_type_error_and_send_nothing(runtime, client, inputs):
+def test_inputs_that_are_not_json_raise_type_error_and_send_nothing(runtime, client, inputs):
     with pytest.raises(TypeError):
         client.run("echo", inputs)
     with pytest.raises(TypeError):

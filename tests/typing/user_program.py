@@ -28,6 +28,9 @@ def correct_calls(client: cw.Client) -> None:
     assert_type(client.upload(b"raw bytes", on_progress=lambda sent, total: None), str)
     assert_type(client.details(run.request_id), Dict[str, Any])
     assert_type(client.provision(), str)
+    output = client.run("calculator", [1, 2, 3], path="sum", headers={"X-Correlation-Id": "c-1"})
+    output = client.run("reports", {"day": "monday"}, path="daily", method="GET")
+    cw.Client(headers={"Run-As-Template": "yes"}).start("my-service", "text", headers={"X-Team": "data"})
     print(output, cw.__version__)
 
 
@@ -58,7 +61,8 @@ def exceptions(client: cw.Client) -> List[Any]:
 def wrong_calls(client: cw.Client) -> None:
     client.run(42, {"name": "Ada"})  # type: ignore[arg-type]
     client.run("my-service", {"name": "Ada"}, timout=30)  # type: ignore[call-arg]
-    client.start("my-service", ["not", "a", "mapping"])  # type: ignore[arg-type]
+    client.start("my-service", path=["not", "a", "path"])  # type: ignore[arg-type]
+    client.run("my-service", headers=[("X-Correlation-Id", "c-1")])  # type: ignore[arg-type]
     client.start("slow-service").wait(timeout="soon")  # type: ignore[arg-type]
     client.map("echo", [{}], max_worker=4)  # type: ignore[call-arg]
     client.upload(12345)  # type: ignore[arg-type]
