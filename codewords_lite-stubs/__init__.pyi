@@ -1,7 +1,7 @@
 # Generated from codewords_lite.py by tools/make_stubs.py: do not edit, run it again.
 import logging
 import os
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar
 
 import requests
 
@@ -14,6 +14,7 @@ __all__ = [
     "CodewordsError",
     "ConfigurationError",
     "GatewayTimeout",
+    "LogStream",
     "NotFoundError",
     "RateLimitError",
     "Run",
@@ -50,6 +51,11 @@ UPLOAD_BLOCK: int
 UPLOAD_READ_TIMEOUT: float
 PROGRESS_INTERVAL: float
 LogEntry = dict[str, Any]
+_C = TypeVar("_C", bound="Client")
+
+class _BinaryReadable(Protocol):
+    """What upload() reads a stream through: any binary object with read() (a file, a GzipFile, response.raw)."""
+    def read(self, size: int, /) -> bytes: ...
 
 class CodewordsError(Exception):
     """Base class of every error raised by codewords_lite."""
@@ -131,7 +137,7 @@ class Run:
 
         ``on_log`` is called with each log entry as the run writes it, from another thread.
         """
-    def logs(self) -> Iterator[LogEntry]:
+    def logs(self) -> LogStream:
         """The run's log entries as they come, each once and in order, until it ends: see ``Client.logs``."""
     def done(self) -> bool:
         """Whether the run has finished, asked of the server without waiting."""
@@ -150,7 +156,7 @@ class Client:
     sync_timeout: float
     connect_timeout: float
     max_retries: int
-    fallback: str | None
+    fallback: Literal["resume", "rerun"] | None
     def __init__(
         self,
         api_key: str | None = None,
@@ -160,7 +166,7 @@ class Client:
         sync_timeout: float = 125.0,
         connect_timeout: float = 10.0,
         max_retries: int = 3,
-        fallback: str | None = "resume",
+        fallback: Literal["resume", "rerun"] | None = "resume",
         session: requests.Session | None = None,
     ) -> None: ...
     def __repr__(self) -> str: ...
@@ -168,7 +174,7 @@ class Client:
         """A pickle carries the settings and a key given as an argument; never a key read from
         the environment (read again where it is unpickled), nor sessions or a given session."""
     def __setstate__(self, state: dict[str, Any]) -> None: ...
-    def __enter__(self) -> Client: ...
+    def __enter__(self: _C) -> _C: ...
     def __exit__(self, *exc_info: Any) -> None: ...
     def close(self) -> None:
         """Close the connections this client opened (not those of a session it was given); any
@@ -180,7 +186,7 @@ class Client:
         *,
         path: str = "",
         timeout: float | None = None,
-        fallback: str | None = ...,
+        fallback: Literal["resume", "rerun"] | None = ...,
         on_log: Callable[[LogEntry], Any] | None = None,
         request_id: str | None = None,
     ) -> Any:
@@ -209,7 +215,7 @@ class Client:
         return_exceptions: bool = False,
         on_progress: Callable[[int, int | None], Any] | None = None,
         path: str = "",
-        fallback: str | None = ...,
+        fallback: Literal["resume", "rerun"] | None = ...,
     ) -> Iterator[Any]:
         """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
 
@@ -227,7 +233,7 @@ class Client:
         """Wait for the run with this request id and return its output."""
     def details(self, request_id: str) -> dict[str, Any]:
         """The request record as it stands now, with timings and cost (GET /request/{id})."""
-    def logs(self, request_id: str) -> Iterator[LogEntry]:
+    def logs(self, request_id: str) -> LogStream:
         """Yield a run\'s log entries as it writes them, each once and in order, until it ends.
 
         NDJSON and server-sent events are both read; a line or event that is not a JSON object
@@ -237,7 +243,7 @@ class Client:
         """
     def upload(
         self,
-        source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
+        source: str | os.PathLike[str] | bytes | bytearray | memoryview | _BinaryReadable,
         *,
         filename: str | None = None,
         content_type: str | None = None,
@@ -249,6 +255,17 @@ class Client:
         the storage host with no API key. ``on_progress(sent, total)`` is called a few times a
         second; an exception raised in it stops the upload.
         """
+
+class LogStream:
+    """An iterator over a run's log entries, each once and in order, that ``close()`` stops from any thread."""
+
+    request_id: str
+    def __init__(self, client: Client, request_id: str) -> None: ...
+    def __iter__(self) -> LogStream: ...
+    def __next__(self) -> LogEntry: ...
+    def close(self) -> None:
+        """Stop the stream, from any thread, in whatever it is doing: connecting, waiting for an
+        answer, reading (a read blocked on the socket returns at once) or sleeping."""
 
 EXIT_OK: int
 EXIT_FAILED: int
