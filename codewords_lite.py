@@ -62,8 +62,10 @@ from typing import (
     Iterable,
     Iterator,
     List,
+    Literal,
     Mapping,
     Optional,
+    Protocol,
     Set,
     Tuple,
     TypeVar,
@@ -87,6 +89,7 @@ __all__ = [
     "CodewordsError",
     "ConfigurationError",
     "GatewayTimeout",
+    "LogStream",
     "NotFoundError",
     "RateLimitError",
     "Run",
@@ -137,6 +140,14 @@ PROGRESS_INTERVAL = 0.25  # seconds between two on_progress calls
 
 LogEntry = Dict[str, Any]
 _T = TypeVar("_T")
+_C = TypeVar("_C", bound="Client")  # a subclass of Client keeps its type in a with block
+
+
+class _BinaryReadable(Protocol):
+    """What upload() reads a stream through: any binary object with read() (a file, a GzipFile, response.raw)."""
+
+    def read(self, size: int, /) -> bytes: ...
+
 
 # ---------------------------------------------------------------------------------------------
 # Exceptions
@@ -255,7 +266,7 @@ class Run:
             self.record = self._client._wait_for_record(self.request_id, deadline, on_log)
         return _output(self.record, self.request_id)
 
-    def logs(self) -> Iterator[LogEntry]:
+    def logs(self) -> LogStream:
         """The run's log entries as they come, each once and in order, until it ends: see ``Client.logs``."""
         return self._client.logs(self.request_id)
 
@@ -302,7 +313,7 @@ class Client:
         sync_timeout: float = 125.0,
         connect_timeout: float = 10.0,
         max_retries: int = 3,
-        fallback: Optional[str] = "resume",
+        fallback: Optional[Literal["resume", "rerun"]] = "resume",
         headers: Optional[Mapping[str, str]] = None,
         session: Optional[requests.Session] = None,
     ) -> None:
@@ -315,7 +326,7 @@ class Client:
         if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
             raise ConfigurationError(f"max_retries must be a whole number >= 0, not {max_retries!r}")
         self.max_retries = max_retries
-        self.fallback = _check_fallback(fallback)
+        self.fallback: Optional[Literal["resume", "rerun"]] = _check_fallback(fallback)
         self.headers = _check_headers(headers)  # sent with every run, under those of the call
         self._api_key = api_key
         self._given_session = session
@@ -340,7 +351,7 @@ class Client:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    def __enter__(self) -> Client:
+    def __enter__(self: _C) -> _C:
         self._check_open()
         return self
 
@@ -366,7 +377,7 @@ class Client:
         *,
         path: str = "",
         timeout: Optional[float] = None,
-        fallback: Optional[str] = _CLIENT_DEFAULT,
+        fallback: Optional[Literal["resume", "rerun"]] = _CLIENT_DEFAULT,
         on_log: Optional[Callable[[LogEntry], Any]] = None,
         request_id: Optional[str] = None,
         method: str = "POST",
@@ -534,7 +545,7 @@ class Client:
         return_exceptions: bool = False,
         on_progress: Optional[Callable[[int, Optional[int]], Any]] = None,
         path: str = "",
-        fallback: Optional[str] = _CLIENT_DEFAULT,
+        fallback: Optional[Literal["resume", "rerun"]] = _CLIENT_DEFAULT,
         headers: Optional[Mapping[str, str]] = None,
     ) -> Iterator[Any]:
         """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
@@ -652,7 +663,7 @@ class Client:
         response = self._request("GET", f"/request/{request_id}", deadline=self._deadline(None), request_id=request_id)
         return _record_in(response, request_id)
 
-    def logs(self, request_id: str) -> Iterator[LogEntry]:
+    def logs(self, request_id: str) -> LogStream:
         """Yield a run's log entries as it writes them, each once and in order, until it ends.
 
         NDJSON and server-sent events are both read; a line or event that is not a JSON object
@@ -660,13 +671,13 @@ class Client:
         stopped; a silent one is asked about the run, and ends once the run has. Call
         ``.close()`` on the iterator to stop early.
         """
-        return _LogStream(self, _check_name("request id", request_id))
+        return LogStream(self, _check_name("request id", request_id))
 
     # -- files ------------------------------------------------------------------------------
 
     def upload(
         self,
-        source: Union[str, os.PathLike[str], bytes, bytearray, memoryview, IO[bytes]],
+        source: Union[str, os.PathLike[str], bytes, bytearray, memoryview, _BinaryReadable],
         *,
         filename: Optional[str] = None,
         content_type: Optional[str] = None,
@@ -1156,7 +1167,7 @@ def _check_seconds(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_fallback(fallback: Any) -> Optional[str]:
+def _check_fallback(fallback: Any) -> Optional[Literal["resume", "rerun"]]:
     if fallback not in FALLBACKS:
         raise ConfigurationError(f"fallback must be 'resume', 'rerun' or None, not {fallback!r}")
     return fallback  # type: ignore[no-any-return]
@@ -1838,7 +1849,7 @@ class _RateGate:
 
 # -- log streams -------------------------------------------------------------------------------
 #
-# Three pieces: _LogStream opens and reopens the connection and reads its body in small blocks;
+# Three pieces: LogStream opens and reopens the connection and reads its body in small blocks;
 # _LogParser turns the lines of one connection into entries (NDJSON or server-sent events); and
 # _LogPosition remembers how far delivery has gone, to ask a reconnect to resume from there and
 # to skip what the server sends again.
@@ -1848,8 +1859,8 @@ class _Closed(Exception):
     """Raised inside a log stream once close() has been called: the stream ends at once."""
 
 
-class _LogStream:
-    """An iterator over a run's log entries that reconnects after drops: each entry once, in order."""
+class LogStream:
+    """An iterator over a run's log entries, each once and in order, that ``close()`` stops from any thread."""
 
     def __init__(self, client: Client, request_id: str) -> None:
         self.request_id = request_id
@@ -1865,7 +1876,7 @@ class _LogStream:
         self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
         self._entries = self._follow()
 
-    def __iter__(self) -> _LogStream:
+    def __iter__(self) -> LogStream:
         return self
 
     def __next__(self) -> LogEntry:
@@ -2040,7 +2051,7 @@ class _LogFollower:
     """Streams a run's logs to ``on_log`` on a background thread while the caller waits."""
 
     def __init__(self, client: Client, request_id: str, on_log: Callable[[LogEntry], Any]) -> None:
-        self._stream = _LogStream(client, request_id)
+        self._stream = LogStream(client, request_id)
         self._on_log = on_log
         self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
         self._thread.start()

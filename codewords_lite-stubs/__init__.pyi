@@ -1,7 +1,7 @@
 # Generated from codewords_lite.py by tools/make_stubs.py: do not edit, run it again.
 import logging
 import os
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar
 
 import requests
 
@@ -14,6 +14,7 @@ __all__ = [
     "CodewordsError",
     "ConfigurationError",
     "GatewayTimeout",
+    "LogStream",
     "NotFoundError",
     "RateLimitError",
     "Run",
@@ -53,12 +54,18 @@ UPLOAD_BLOCK: int
 UPLOAD_READ_TIMEOUT: float
 PROGRESS_INTERVAL: float
 LogEntry = dict[str, Any]
+_C = TypeVar("_C", bound="Client")
+
+class _BinaryReadable(Protocol):
+    """What upload() reads a stream through: any binary object with read() (a file, a GzipFile, response.raw)."""
+    def read(self, size: int, /) -> bytes: ...
 
 class CodewordsError(Exception):
     """Base class of every error raised by codewords_lite."""
 
     request_id: str | None
     def __init__(self, message: str = "", *, request_id: str | None = None) -> None: ...
+    def __str__(self) -> str: ...
 
 class ConfigurationError(CodewordsError, ValueError):
     """A missing API key, or a bad base URL, service id, path or request id."""
@@ -127,12 +134,13 @@ class Run:
     request_id: str
     record: dict[str, Any] | None
     def __init__(self, client: Client, request_id: str) -> None: ...
+    def __repr__(self) -> str: ...
     def wait(self, timeout: float | None = None, on_log: Callable[[LogEntry], Any] | None = None) -> Any:
         """Wait for the run to finish and return its output; raise RunFailed if it failed.
 
         ``on_log`` is called with each log entry as the run writes it, from another thread.
         """
-    def logs(self) -> Iterator[LogEntry]:
+    def logs(self) -> LogStream:
         """The run's log entries as they come, each once and in order, until it ends: see ``Client.logs``."""
     def done(self) -> bool:
         """Whether the run has finished, asked of the server without waiting."""
@@ -152,7 +160,7 @@ class Client:
     sync_timeout: float
     connect_timeout: float
     max_retries: int
-    fallback: str | None
+    fallback: Literal["resume", "rerun"] | None
     headers: dict[str, str]
     def __init__(
         self,
@@ -163,11 +171,16 @@ class Client:
         sync_timeout: float = 125.0,
         connect_timeout: float = 10.0,
         max_retries: int = 3,
-        fallback: str | None = "resume",
+        fallback: Literal["resume", "rerun"] | None = "resume",
         headers: Mapping[str, str] | None = None,
         session: requests.Session | None = None,
     ) -> None: ...
-    def __enter__(self) -> Client: ...
+    def __repr__(self) -> str: ...
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickle carries the settings and a key given as an argument; never a key read from
+        the environment (read again where it is unpickled), nor sessions or a given session."""
+    def __setstate__(self, state: dict[str, Any]) -> None: ...
+    def __enter__(self: _C) -> _C: ...
     def __exit__(self, *exc_info: Any) -> None: ...
     def close(self) -> None:
         """Close the connections this client opened (not those of a session it was given); any
@@ -179,7 +192,7 @@ class Client:
         *,
         path: str = "",
         timeout: float | None = None,
-        fallback: str | None = ...,
+        fallback: Literal["resume", "rerun"] | None = ...,
         on_log: Callable[[LogEntry], Any] | None = None,
         request_id: str | None = None,
         method: str = "POST",
@@ -217,7 +230,7 @@ class Client:
         return_exceptions: bool = False,
         on_progress: Callable[[int, int | None], Any] | None = None,
         path: str = "",
-        fallback: str | None = ...,
+        fallback: Literal["resume", "rerun"] | None = ...,
         headers: Mapping[str, str] | None = None,
     ) -> Iterator[Any]:
         """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
@@ -236,7 +249,7 @@ class Client:
         """Wait for the run with this request id and return its output."""
     def details(self, request_id: str) -> dict[str, Any]:
         """The request record as it stands now, with timings and cost (GET /request/{id})."""
-    def logs(self, request_id: str) -> Iterator[LogEntry]:
+    def logs(self, request_id: str) -> LogStream:
         """Yield a run\'s log entries as it writes them, each once and in order, until it ends.
 
         NDJSON and server-sent events are both read; a line or event that is not a JSON object
@@ -246,7 +259,7 @@ class Client:
         """
     def upload(
         self,
-        source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
+        source: str | os.PathLike[str] | bytes | bytearray | memoryview | _BinaryReadable,
         *,
         filename: str | None = None,
         content_type: str | None = None,
@@ -258,6 +271,17 @@ class Client:
         the storage host with no API key. ``on_progress(sent, total)`` is called a few times a
         second; an exception raised in it stops the upload.
         """
+
+class LogStream:
+    """An iterator over a run's log entries, each once and in order, that ``close()`` stops from any thread."""
+
+    request_id: str
+    def __init__(self, client: Client, request_id: str) -> None: ...
+    def __iter__(self) -> LogStream: ...
+    def __next__(self) -> LogEntry: ...
+    def close(self) -> None:
+        """Stop the stream, from any thread, in whatever it is doing: connecting, waiting for an
+        answer, reading (a read blocked on the socket returns at once) or sleeping."""
 
 EXIT_OK: int
 EXIT_FAILED: int

@@ -7,7 +7,9 @@ PEP 561 has no py.typed marker for a single-file module, so its types travel in 
 stub-only package beside it, which mypy and pyright find without a marker. mypy's stubgen writes
 the signatures and docstrings; what it can only call ``Incomplete`` (an attribute set in
 ``__init__``, a constant) gets the type that mypy infers for it, so a user sees ``str | None``
-where stubgen would say ``Any``. Needs mypy and ruff (the versions .ci/run pins).
+where stubgen would say ``Any``. Private definitions are left out, except those that public ones
+refer to (a TypeVar, a Protocol); and mypy checks the stub, so that a broken one fails here and
+not in a user's type checker. Needs mypy and ruff (the versions .ci/run pins).
 """
 
 import argparse
@@ -17,7 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Dict, Iterator, List, Set, Tuple
 
 from mypy import build, stubgen
 from mypy.modulefinder import BuildSource
@@ -32,27 +34,27 @@ HEADER = f"# Generated from {MODULE}.py by tools/make_stubs.py: do not edit, run
 
 
 def stub_text() -> str:
-    """The stub as it should be, formatted as ruff formats the rest of the tree."""
+    """The stub as it should be, formatted as ruff formats the rest of the tree, and checked by mypy."""
     with open(SOURCE, encoding="utf-8") as file:
         source = file.read()
     public = _public_names(source)
-    raw = _stubgen(_without_all(source))
+    raw = _with_self_types(_stubgen(_without_all(source)), source)
+    tree = ast.parse(raw)
+    dropped = _private_lines(tree)
+    owners = {line: cls.name for cls in _classes(tree) for line in _span(cls)}  # the class a line is in
     types = _inferred_types()
     lines: List[str] = []
-    owner = ""  # the class whose body the line is in; "" at module level
-    skipping = False
     modules = set()  # those the filled-in types name, as in "logging.Logger"
-    for line in raw.splitlines():
-        top = re.match(r"(class |def )?(\w+)", line)
-        if top:
-            owner = top.group(2) if top.group(1) == "class " else ""
-            skipping = top.group(2).startswith("_") and not top.group(2).startswith("__")
-        if skipping:
-            continue  # a private class: the module's business, not its users'
+    for number, line in enumerate(raw.splitlines(), 1):
+        if number in dropped:
+            continue
         attribute = re.fullmatch(r"(\s*)(\w+): Incomplete", line)
         if attribute:
             indent, name = attribute.groups()
-            inferred = types[owner + "." + name if indent else name].replace(MODULE + ".", "")
+            inferred = types.get(owners[number] + "." + name if indent else name)
+            if inferred is None:
+                raise SystemExit(f"make_stubs: stubgen left {name} Incomplete, and mypy infers no type for it")
+            inferred = inferred.replace(MODULE + ".", "")
             modules.update(re.findall(r"\b([a-z_][\w.]*)\.[A-Za-z_]\w*", inferred))
             line = f"{indent}{name}: {inferred}"
         lines.append(line)
@@ -67,7 +69,88 @@ def stub_text() -> str:
         + f"\n\n__all__ = {public!r}"
         + text[first:]
     )
-    return _ruff_format(HEADER + text)
+    text = _ruff_format(HEADER + text)
+    _check_with_mypy(text)
+    return text
+
+
+def _with_self_types(stub: str, source: str) -> str:
+    """The stub with the annotations of ``self`` and ``cls`` that the source has and stubgen drops,
+    as in ``def __enter__(self: _C) -> _C``, where the return type means nothing without them."""
+    annotations = {}  # (class, method) -> the annotation of its first parameter, as written
+    for cls, method, first in _first_parameters(source):
+        if first.annotation is not None:
+            annotations[cls, method] = ast.get_source_segment(source, first.annotation)
+    lines = stub.splitlines(keepends=True)
+    for cls, method, first in _first_parameters(stub):
+        annotation = annotations.get((cls, method))
+        if first.annotation is None and annotation is not None:
+            line = lines[first.lineno - 1].encode("utf-8")  # ast's columns count bytes
+            after = first.end_col_offset or 0
+            lines[first.lineno - 1] = (line[:after] + f": {annotation}".encode() + line[after:]).decode("utf-8")
+    return "".join(lines)
+
+
+def _first_parameters(code: str) -> Iterator[Tuple[str, str, ast.arg]]:
+    """(class, method, its first parameter) for each method of each top-level class."""
+    for cls in _classes(ast.parse(code)):
+        for method in cls.body:
+            if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                parameters = method.args.posonlyargs + method.args.args
+                if parameters:
+                    yield cls.name, method.name, parameters[0]
+
+
+def _private_lines(tree: ast.Module) -> Set[int]:
+    """The lines of the stub's private definitions (stubgen writes them all): the private members
+    of classes, and each private top-level class, function, TypeVar or alias that no public
+    definition refers to, directly or through another private one. The module's business, not
+    its users'; but a signature that names ``_BinaryReadable`` needs it defined."""
+    dropped: Set[int] = set()
+    for cls in _classes(tree):
+        for member in cls.body:
+            if any(_is_private(name) for name in _defined(member)):
+                dropped.update(_span(member))
+    private = {name: node for node in tree.body for name in _defined(node) if _is_private(name)}
+    needed: Set[str] = set()
+    todo = [node for node in tree.body if not any(_is_private(name) for name in _defined(node))]
+    while todo:
+        node = todo.pop()
+        for used in ast.walk(node):
+            if isinstance(used, ast.Name) and used.lineno not in dropped and used.id in private:
+                if used.id not in needed:
+                    needed.add(used.id)
+                    todo.append(private[used.id])
+    for name, node in private.items():
+        if name not in needed:
+            dropped.update(_span(node))
+    return dropped
+
+
+def _classes(tree: ast.Module) -> List[ast.ClassDef]:
+    return [node for node in tree.body if isinstance(node, ast.ClassDef)]
+
+
+def _defined(node: ast.stmt) -> List[str]:
+    """The names a statement of the stub defines."""
+    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        return [node.name]
+    if isinstance(node, ast.Assign):
+        return [target.id for target in node.targets if isinstance(target, ast.Name)]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return []
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _span(node: ast.stmt) -> range:
+    """The lines of a statement, from its first decorator to its last line."""
+    decorators = getattr(node, "decorator_list", [])
+    first = min([node.lineno] + [decorator.lineno for decorator in decorators])
+    return range(first, (node.end_lineno or node.lineno) + 1)
 
 
 def _public_names(source: str) -> List[str]:
@@ -89,7 +172,7 @@ def _stubgen(source: str) -> str:
         path = os.path.join(folder, MODULE + ".py")
         with open(path, "w", encoding="utf-8") as file:
             file.write(source)
-        stubgen.main(["--quiet", "--include-docstrings", "-o", folder, path])
+        stubgen.main(["--quiet", "--include-private", "--include-docstrings", "-o", folder, path])
         with open(os.path.join(folder, MODULE + ".pyi"), encoding="utf-8") as file:
             return file.read()
 
@@ -112,8 +195,24 @@ def _inferred_types() -> Dict[str, str]:
     return types
 
 
+def _check_with_mypy(text: str) -> None:
+    """A stub that mypy rejects (a name it does not define, an import it lacks) fails here, and
+    not in a user's type checker."""
+    with tempfile.TemporaryDirectory() as folder:  # away from the checkout and its configuration
+        with open(os.path.join(folder, MODULE + ".pyi"), "w", encoding="utf-8") as file:
+            file.write(text)
+        result = subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", "--cache-dir", os.path.join(folder, "cache"), MODULE + ".pyi"],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+        )
+    if result.returncode != 0:
+        raise SystemExit("make_stubs: mypy rejects the stub this wrote:\n" + result.stdout + result.stderr)
+
+
 def _ruff_format(text: str) -> str:
-    """Sorted imports, none unused (a private class may have been the only user), ruff's layout."""
+    """Sorted imports, none unused (a private definition may have been the only user), ruff's layout."""
     for command in (["check", "--fix", "--select", "I,F401", "--quiet"], ["format"]):
         text = subprocess.run(
             [sys.executable, "-m", "ruff", *command, "--stdin-filename", "__init__.pyi", "-"],
