@@ -1106,12 +1106,12 @@ _CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
 _PATH_SAFE = "!$&'()*+,;=:@"  # kept as they are in a path segment (RFC 3986 pchar); all else is encoded
 _KEY = re.compile(r"[\x21-\x7e]+\Z")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
-_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")  # no line breaks or control characters
 _ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _SSE_FIELD = re.compile(r":|(data|id|event|retry)(:|\Z)")
 _DIGITS = re.compile(r"[0-9]+\Z")
-_HEADER_VALUE = re.compile(r"[!-~\x80-\xff]([ -~\x80-\xff]*[!-~\x80-\xff])?\Z")  # no space at its ends
+# A header value HTTP carries as it is: Latin-1, no control characters, no space at its ends.
+_HEADER_VALUE = re.compile(r"([!-~\x80-\xff]([ -~\x80-\xff]*[!-~\x80-\xff])?)?\Z")
 _LOG_EVENT_TYPES = ("", "message", "log")  # SSE event types that carry log entries
 _BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 _XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
@@ -1210,25 +1210,11 @@ def _check_headers(headers: Any) -> Dict[str, str]:
             raise ConfigurationError(f"bad header name {name!r}")
         if name.lower() in owned:
             raise ConfigurationError(f"the {name} header is the client's own: it cannot be set")
-        if (
-            not isinstance(value, str)
-            or not _HEADER_VALUE.match(value)
-            or value != value.strip()
-            or not _is_latin_1(value)
-        ):
+        if not isinstance(value, str) or not _HEADER_VALUE.match(value):
             raise ConfigurationError(
                 f"bad value for the {name} header: want Latin-1 text with no control characters or outer spaces"
             )
     return dict(headers)
-
-
-def _is_latin_1(text: str) -> bool:
-    """Whether a header value can go on the wire: HTTP headers are bytes, read as ISO-8859-1."""
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_method(method: Any) -> str:
@@ -1253,8 +1239,13 @@ def _query_of(inputs: Any) -> str:
                 continue
             if isinstance(item, bool):
                 text = "true" if item else "false"  # as FastAPI and JSON spell them
-            elif isinstance(item, (str, int)) or (isinstance(item, float) and math.isfinite(item)):
-                text = str(item)
+            # Each as its value, as JSON would send it, not a subclass's own str() (an Enum's name).
+            elif isinstance(item, str):
+                text = str.__str__(item)
+            elif isinstance(item, int):
+                text = int.__repr__(item)
+            elif isinstance(item, float) and math.isfinite(item):
+                text = float.__repr__(item)
             else:
                 raise TypeError(f"query parameter {name!r} must be a string, number or boolean, not {item!r}")
             try:

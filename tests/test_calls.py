@@ -2,6 +2,7 @@
 inputs of any JSON value, and records of an unexpected shape. Wire format with `responses`,
 behaviour against the emulator; the same against real FastAPI workflows is in test_workflows.py."""
 
+import enum
 import json
 import os
 import pickle
@@ -312,6 +313,14 @@ def test_headers_the_client_owns_or_http_cannot_carry_are_refused_before_anythin
     assert runtime.calls == []
 
 
+def test_an_empty_header_value_is_sent(api):
+    """Regression: an empty value, legal in HTTP, was refused."""
+    api.post(f"{BASE}/run/svc", json={"ok": 1})
+    with cw.Client(KEY, base_url=BASE, fallback=None) as client:
+        client.run("svc", headers={"X-Empty": ""})
+    assert api.calls[0].request.headers["X-Empty"] == ""
+
+
 def test_headers_go_with_every_item_of_a_map_and_with_a_rerun(runtime):
     with cw.Client(runtime.api_key, base_url=runtime.url, headers={"X-Team": "data"}) as client:
         assert list(client.map("echo", [{"n": 1}, {"n": 2}], headers={"X-Correlation-Id": "m"})) == [{"n": 1}, {"n": 2}]
@@ -341,6 +350,21 @@ def test_a_get_run_sends_the_inputs_as_query_parameters_and_no_body(api, lean):
     request = api.calls[0].request
     assert request.method == "GET" and request.body is None
     assert request.path_url == "/run/svc/status?tag=a%20b%26c%3D%C3%A9&n=3&verbose=true&ids=1&ids=2"
+
+
+def test_get_inputs_of_enum_types_are_sent_as_their_values(api, lean):
+    """Regression: a str or int Enum member went out as str(member), its name ("Color.RED"),
+    while the same inputs POSTed as JSON send its value."""
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    class Size(enum.IntEnum):
+        LARGE = 3
+
+    api.get(f"{BASE}/run/svc", json={"ok": True})
+    lean.run("svc", {"c": Color.RED, "s": Size.LARGE, "x": 0.5}, method="GET")
+    assert api.calls[0].request.path_url == "/run/svc?c=red&s=3&x=0.5"
 
 
 @pytest.mark.parametrize(
