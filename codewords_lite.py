@@ -671,7 +671,6 @@ class Client:
             while True:
                 self._check_open()
                 body.rewind()
-                cause: Optional[BaseException] = None
                 try:
                     response = storage.put(
                         url,
@@ -685,8 +684,7 @@ class Client:
                 except requests.RequestException as exc:
                     if body.failure is not None:
                         raise body.failure from None  # from the source or on_progress: the caller's, not the network's
-                    cause = exc
-                    error: CodewordsError = _connection_error("PUT", where, exc, None)
+                    error: CodewordsError = _connection_error("PUT", where, exc, None, self._key())
                     retryable = _is_transport_failure(exc)
                     wait = _backoff(attempt)
                 else:
@@ -697,7 +695,7 @@ class Client:
                     retry_after = _retry_after(response)
                     wait = _backoff(attempt) if retry_after is None else retry_after
                 if not retryable or attempt == self.max_retries:
-                    raise error from cause
+                    raise error from error.__cause__  # chosen by _connection_error
                 attempt += 1
                 logger.info(
                     "PUT %s failed (%s); retry %d of %d in %.2f s", where, error, attempt, self.max_retries, wait
@@ -837,7 +835,7 @@ class Client:
                 self._gate.leave(starts_a_run, answered)
             if error is None:
                 return outcome  # type: ignore[return-value]
-            cause = outcome if isinstance(outcome, BaseException) else None
+            cause = error.__cause__  # the failure of requests, unless it carries the key (_connection_error)
             if then == _CUT:
                 raise _CutShort(error) from cause
             if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
@@ -869,7 +867,7 @@ class Client:
         and a 504 from the gateway or a read timeout is _CUT (it was sent; it may go on).
         """
         if isinstance(outcome, requests.RequestException):
-            error: CodewordsError = _connection_error(method, url_path, outcome, request_id)
+            error: CodewordsError = _connection_error(method, url_path, outcome, request_id, self._key())
             if _nothing_sent(outcome) or (not kind and _is_transport_failure(outcome)):
                 return error, _RESEND, _backoff(attempt)
             if kind == _RUN and isinstance(outcome, requests.ReadTimeout):
@@ -1231,8 +1229,13 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
 
 def _nothing_sent(exc: BaseException) -> bool:
     """Whether a failure happened before the request left: a refused or timed-out connect."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
+    return isinstance(exc, requests.ConnectTimeout) or any(
+        isinstance(error, (ConnectionRefusedError, socket.gaierror)) for error in _causes(exc)
+    )
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and every exception it holds: its causes, contexts, reasons and arguments."""
     seen = set()
     todo = [exc]
     while todo:
@@ -1240,15 +1243,23 @@ def _nothing_sent(exc: BaseException) -> bool:
         if id(error) in seen:
             continue
         seen.add(id(error))
-        if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
-            return True
+        yield error
         todo.extend(
             e
             for e in (error.__cause__, error.__context__, getattr(error, "reason", None))
             if isinstance(e, BaseException)
         )
         todo.extend(a for a in error.args if isinstance(a, BaseException))
-    return False
+
+
+def _foreign_text(exc: BaseException, key: str) -> Tuple[str, Optional[BaseException]]:
+    """The text of an exception from requests, urllib3 or http.client, with the key masked, and
+    the exception to chain as ``__cause__``: None if the key is in its text or a cause's (a
+    server may echo it in a status line or a chunk size), and then its type name is in the text."""
+    text = str(exc)
+    if not any(key in str(error) or key in repr(error.args) for error in _causes(exc)):
+        return text, exc
+    return f"{type(exc).__name__}: {text.replace(key, '***')}", None
 
 
 def _check_complete(response: requests.Response) -> None:
@@ -1274,10 +1285,14 @@ def _is_transport_failure(exc: requests.RequestException) -> bool:
 
 
 def _connection_error(
-    method: str, url_path: str, exc: requests.RequestException, request_id: Optional[str]
+    method: str, url_path: str, exc: requests.RequestException, request_id: Optional[str], key: str
 ) -> APIConnectionError:
+    """The error for a failed exchange, with ``exc`` as its ``__cause__`` unless it carries the key."""
+    text, cause = _foreign_text(exc, key)
     cls = APITimeoutError if isinstance(exc, requests.Timeout) else APIConnectionError
-    return cls(f"{method} {_strip_query(url_path)} failed: {exc}", request_id=request_id)
+    error = cls(f"{method} {_strip_query(url_path)} failed: {text}", request_id=request_id)
+    error.__cause__ = cause
+    return error
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -1762,15 +1777,16 @@ class _LogStream:
         one; APIConnectionError after LOG_RECONNECTS of them in a row."""
         self._check_closed()
         self._failures += 1
+        text, cause = _foreign_text(exc, self._client._key())
         if self._failures > LOG_RECONNECTS:
             raise APIConnectionError(
-                f"the log stream of {self.request_id} failed {self._failures} times in a row: {exc}",
+                f"the log stream of {self.request_id} failed {self._failures} times in a row: {text}",
                 request_id=self.request_id,
-            ) from exc
+            ) from cause
         wait = min(LOG_BACKOFF[0] * 2 ** (self._failures - 1), LOG_BACKOFF[1]) if self._retry is None else self._retry
         retry_after = getattr(exc, "retry_after", None)
         wait = wait if retry_after is None else max(wait, retry_after)
-        logger.info("log stream of %s failed (%s); reconnecting in %.1f s", self.request_id, exc, wait)
+        logger.info("log stream of %s failed (%s); reconnecting in %.1f s", self.request_id, text, wait)
         self._sleep(wait)
 
     def _unless_closed(self, call: Callable[[], _T]) -> _T:
@@ -2232,7 +2248,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = _cli_parser(argparse).parse_args(argv)
     if args.debug:
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.addFilter(_unechoed_record)
+        logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     status = _Status(sys.stderr, enabled=sys.stderr.isatty() and not args.debug)
     if not os.environ.get(API_KEY_ENV):
         print(f"codewords-lite: no API key: export {API_KEY_ENV}=... (from the environment only)", file=sys.stderr)
@@ -2265,6 +2284,17 @@ def _unechoed(value: Any) -> Any:
     """What the command line prints, with the key masked: a workflow or a server may echo it."""
     key = os.environ.get(API_KEY_ENV)
     return _masked(value, key) if key else value
+
+
+def _unechoed_record(record: logging.LogRecord) -> bool:
+    """A filter of the --debug log handler that masks the key in every record, urllib3's too
+    (it quotes a header line it cannot parse): its message, traceback and stack."""
+    record.msg, record.args = _unechoed(record.getMessage()), None
+    if record.exc_info:
+        record.exc_text = _unechoed(logging.Formatter().formatException(record.exc_info))
+    if record.stack_info:
+        record.stack_info = _unechoed(record.stack_info)
+    return True
 
 
 def _cli_failure(error: Exception) -> Tuple[int, str]:
