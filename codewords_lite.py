@@ -51,6 +51,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -319,7 +320,10 @@ class Client:
         # One pool for all threads (urllib3's pools are thread-safe): it holds as many connections
         # as calls ever ran at once, however many threads come and go.
         self._pool = _WatchedAdapter(pool_maxsize=POOL_SIZE)
+        self._pool_pid = os.getpid()  # a child process after fork() makes its own (see _connections)
         self._closed = False
+        self._streams: weakref.WeakSet[_LogStream] = weakref.WeakSet()  # live logs(), stopped by close()
+        self._streams_lock = threading.Lock()
         self._gate = _RateGate()
 
     def __repr__(self) -> str:
@@ -343,13 +347,24 @@ class Client:
 
     def close(self) -> None:
         """Close the connections this client opened (not those of a session it was given); any
-        later call raises RuntimeError."""
+        later call raises RuntimeError, and so does a logs() iterator already streaming."""
         self._closed = True
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.close()
         self._pool.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this codewords_lite.Client is closed: make a new one")
+
+    def _connections(self) -> _WatchedAdapter:
+        """The client's pool of connections. A child process after fork() gets a new one: sharing
+        the parent's sockets would mix the two processes' answers (the child's copies are dropped)."""
+        if self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = _WatchedAdapter(pool_maxsize=POOL_SIZE), os.getpid()
+        return self._pool
 
     # -- running workflows ------------------------------------------------------------------
 
@@ -681,9 +696,9 @@ class Client:
                         proxies=proxies,
                         verify=verify,
                     )
+                except _SourceFailed as exc:
+                    raise exc.error from None  # the caller's, not the network's: no retry
                 except requests.RequestException as exc:
-                    if body.failure is not None:
-                        raise body.failure from None  # from the source or on_progress: the caller's, not the network's
                     error: CodewordsError = _connection_error("PUT", where, exc, None, self._key())
                     retryable = _is_transport_failure(exc)
                     wait = _backoff(attempt)
@@ -966,7 +981,7 @@ class Client:
         prepared.prepare(method=method, url=url, headers=headers, data=body)
         watch = _WATCHDOG.watch(deadline)
         try:
-            response = self._pool.send(
+            response = self._connections().send(
                 prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
             )
             if not stream:
@@ -1655,11 +1670,14 @@ class _LogStream:
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
         self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
         self._entries = self._follow()
+        with client._streams_lock:
+            client._streams.add(self)
 
     def __iter__(self) -> _LogStream:
         return self
 
     def __next__(self) -> LogEntry:
+        self._client._check_open()
         return next(self._entries)
 
     def close(self) -> None:
@@ -1832,6 +1850,7 @@ class _LogFollower:
     """Streams a run's logs to ``on_log`` on a background thread while the caller waits."""
 
     def __init__(self, client: Client, request_id: str, on_log: Callable[[LogEntry], Any]) -> None:
+        self._client = client
         self._stream = _LogStream(client, request_id)
         self._on_log = on_log
         self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
@@ -1854,6 +1873,11 @@ class _LogFollower:
                 return
             except CodewordsError as exc:
                 logger.warning("stopped streaming the logs of %s: %s", request_id, exc)
+                return
+            except RuntimeError:
+                if not self._client._closed:
+                    raise
+                logger.debug("stopped streaming the logs of %s: the client was closed", request_id)
                 return
             try:
                 self._on_log(entry)
@@ -2082,7 +2106,6 @@ class _UploadBody:
         self._source, self._start, self._size, self._on_progress = source, start, size, on_progress
         self._sent = 0
         self._reported = 0.0
-        self.failure: Optional[BaseException] = None  # raised by the source or on_progress while requests read
 
     def __len__(self) -> int:
         return self._size
@@ -2094,8 +2117,9 @@ class _UploadBody:
         self._report(force=True)
 
     def read(self, size: int = -1) -> bytes:
-        """The next block. What the source or on_progress raises is kept in ``failure``: urllib3
-        would wrap an OSError (a TimeoutError too) as a dropped connection, which is retried."""
+        """The next block. What the source or on_progress raises comes out wrapped in _SourceFailed,
+        which is no OSError: urllib3 would take an OSError (a TimeoutError too) for a dropped
+        connection and retry, or swallow a BrokenPipeError and wait for an answer to a cut body."""
         try:
             count = min(UPLOAD_BLOCK, self._size - self._sent)
             block: Union[bytes, memoryview]
@@ -2108,14 +2132,21 @@ class _UploadBody:
             self._sent += len(block)
             self._report(force=self._sent == self._size)
         except BaseException as exc:
-            self.failure = exc
-            raise
+            raise _SourceFailed(exc) from None
         return block  # type: ignore[return-value]
 
     def _report(self, force: bool) -> None:
         if self._on_progress is not None and (force or time.monotonic() - self._reported >= PROGRESS_INTERVAL):
             self._reported = time.monotonic()
             self._on_progress(self._sent, self._size)
+
+
+class _SourceFailed(Exception):
+    """Carries what the source or on_progress raised out of requests, to be raised as it was."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class _upload_source:
