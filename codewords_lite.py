@@ -1162,12 +1162,7 @@ def _without_key(value: Any, response: requests.Response) -> Any:
     """
     sent = response.request.headers.get("Authorization", "") if response.request is not None else ""
     key = sent[len("Bearer ") :] if sent.startswith("Bearer ") else sent
-    if not key:
-        return value
-    try:
-        return _masked(value, key)
-    except RecursionError:
-        raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+    return _masked(value, key) if key else value
 
 
 def _describe(detail: Any) -> str:
@@ -1186,14 +1181,27 @@ def _describe(detail: Any) -> str:
 
 
 def _masked(value: Any, secret: str) -> Any:
-    """The value with every occurrence of the secret in its strings replaced by ***."""
-    if isinstance(value, str):
-        return value.replace(secret, "***")
-    if isinstance(value, list):
-        return [_masked(item, secret) for item in value]
-    if isinstance(value, dict):
-        return {_masked(k, secret): _masked(v, secret) for k, v in value.items()}
-    return value
+    """The value with every occurrence of the secret in its strings replaced by ***: a copy of
+    its lists and dicts made without recursion, so that no depth of nesting is too deep."""
+
+    def copied(item: Any) -> Any:
+        if isinstance(item, str):
+            return item.replace(secret, "***")
+        return [] if isinstance(item, list) else {} if isinstance(item, dict) else item
+
+    top = copied(value)
+    todo = [(value, top)] if isinstance(value, (list, dict)) else []
+    while todo:
+        original, copy = todo.pop()
+        for key, item in original.items() if isinstance(original, dict) else enumerate(original):
+            twin = copied(item)
+            if isinstance(copy, list):
+                copy.append(twin)
+            else:
+                copy[copied(key)] = twin
+            if isinstance(item, (list, dict)):
+                todo.append((item, twin))
+    return top
 
 
 def _request_id_in(response: requests.Response) -> str:
