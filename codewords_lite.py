@@ -2213,6 +2213,10 @@ def _check_filename(filename: Optional[str]) -> str:
         or _BAD_FILENAME.search(filename)
     ):
         raise ValueError(f"bad filename {filename!r}: want a plain file name such as 'data.csv'")
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:  # a name of bytes that are not UTF-8, or a lone surrogate
+        raise ValueError(f"bad filename {filename!r}: it is not valid UTF-8") from None
     return filename
 
 
@@ -2440,8 +2444,13 @@ def _cli_details(client: Client, args: Any, status: _Status) -> Any:
 
 def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
     describe, on_progress = _upload_line()
-    with status.showing(describe):
-        url = client.upload(args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress)
+    try:
+        with status.showing(describe):
+            url = client.upload(
+                args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress
+            )
+    except ValueError as exc:  # a file name that cannot be sent, say: bad usage
+        raise _UsageError(str(exc)) from None
     print(url)
     return _NO_OUTPUT
 
