@@ -2160,9 +2160,10 @@ class _SourceFailed(Exception):
 class _upload_source:
     """Opens what ``upload`` was given: (source, start offset, size, default name); closes what it opened.
 
-    A stream that cannot seek, or a path to anything but a regular file with a size (a FIFO,
-    ``/dev/stdin``, a file of ``/proc``), is first copied to a temporary file, for its size and
-    for retries.
+    A regular file with a size is streamed from where it stands. Anything else read through a
+    file descriptor or that cannot seek (a FIFO, a pipe, a socket, ``/dev/stdin``, a terminal, a
+    file of ``/proc``, whose size says 0) is first copied to a temporary file, to its end, for its
+    size and for retries. A device that is not a terminal (``/dev/urandom``) is refused.
     """
 
     def __init__(self, source: Any) -> None:
@@ -2170,37 +2171,55 @@ class _upload_source:
         self._opened: Optional[IO[bytes]] = None
 
     def __enter__(self) -> Tuple[Union[IO[bytes], memoryview], int, int, Optional[str]]:
-        source = self._source
-        if isinstance(source, (str, os.PathLike)):
-            name = os.path.basename(os.fspath(source))
-            self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
-            info = os.fstat(self._opened.fileno())
-            if stat.S_ISREG(info.st_mode) and info.st_size:
-                return self._opened, 0, info.st_size, name
-            opened, self._opened = self._opened, tempfile.TemporaryFile()
-            with opened:
-                shutil.copyfileobj(opened, self._opened, UPLOAD_BLOCK)
-            return self._opened, 0, self._opened.seek(0, os.SEEK_END), name
+        source, name = self._source, None
         if isinstance(source, (bytes, bytearray, memoryview)):
             view = memoryview(source).cast("B")
             return view, 0, view.nbytes, None
-        if not callable(getattr(source, "read", None)):
+        if isinstance(source, (str, os.PathLike)):
+            name = os.path.basename(os.fspath(source))
+            source = self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
+        elif not callable(getattr(source, "read", None)):
             raise TypeError(f"upload takes a path, bytes or a binary file object, not {type(source).__name__}")
-        if isinstance(source, io.TextIOBase):
+        elif isinstance(source, io.TextIOBase):
             raise TypeError("upload needs a binary file object: open the file with 'rb'")
-        if not (getattr(source, "seekable", lambda: False)()):
-            self._opened = tempfile.TemporaryFile()
-            shutil.copyfileobj(source, self._opened, UPLOAD_BLOCK)
-            source = self._opened
-            source.seek(0)
-        start = source.tell()
-        size = source.seek(0, os.SEEK_END) - start
-        source.seek(start)
-        return source, start, size, None
+        try:
+            if not _has_size(source):
+                source = self._copied(source)
+            start = source.tell()
+            size = source.seek(0, os.SEEK_END) - start
+            source.seek(start)
+        except BaseException:
+            self.__exit__()
+            raise
+        return source, start, size, name
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._opened is not None:
             self._opened.close()
+
+    def _copied(self, source: IO[bytes]) -> IO[bytes]:
+        """A temporary file holding what the source yields to its end (closing the source if it was opened here)."""
+        copy = tempfile.TemporaryFile()
+        opened, self._opened = self._opened, copy
+        shutil.copyfileobj(source, copy, UPLOAD_BLOCK)
+        if opened is not None:
+            opened.close()
+        copy.seek(0)
+        return copy
+
+
+def _has_size(source: IO[bytes]) -> bool:
+    """Whether a file object can be sent as it is: it seeks, and its file descriptor, if it has
+    one, is a regular file with a size. ValueError for a device other than a terminal, which is
+    no file (/dev/null) or never ends (/dev/zero, /dev/urandom)."""
+    try:
+        descriptor = source.fileno()
+    except (AttributeError, OSError, ValueError):  # io.BytesIO has none
+        return bool(getattr(source, "seekable", lambda: False)())
+    info = os.fstat(descriptor)
+    if stat.S_ISCHR(info.st_mode) and not os.isatty(descriptor):
+        raise ValueError("upload cannot read a device such as /dev/zero: give a file, a pipe or bytes")
+    return stat.S_ISREG(info.st_mode) and info.st_size > 0 and source.seekable()
 
 
 def _check_filename(filename: Optional[str]) -> str:
