@@ -74,12 +74,24 @@ def test_a_fifo_is_copied_before_anything_is_sent(runtime, client, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs procfs")
-def test_character_devices_and_files_with_no_size_are_read_whole(runtime, client):
-    """A character device and a /proc file (a regular file whose size says 0) are copied first, not sent empty."""
-    client.upload("/dev/null")
+def test_files_with_no_size_are_read_whole(runtime, client):
+    """A /proc file (a regular file whose size says 0) is copied first, not sent empty, as a path
+    and as a file object (regression: a file object was sent empty)."""
     client.upload("/proc/self/status")
-    sizes = sorted(upload["size"] for upload in runtime.uploads.values())
-    assert sizes[0] == 0 and sizes[1] > 100
+    with open("/proc/self/status", "rb") as status:
+        client.upload(status, filename="status")
+    assert [upload["size"] > 100 for upload in runtime.uploads.values()] == [True, True]
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/zero", "/dev/urandom"])
+@pytest.mark.parametrize("as_file", [False, True])
+def test_a_device_that_is_not_a_terminal_is_refused_before_anything_is_sent(runtime, client, device, as_file):
+    """Regression: a file object on /dev/urandom seeked and said size 0, and an empty file was
+    uploaded; a path to it was copied for ever. A device is no file: ValueError, nothing sent.
+    (/dev/null, copied as an empty file before, is refused by the same rule.)"""
+    with open(device, "rb") as opened, pytest.raises(ValueError, match="device"):
+        client.upload(opened if as_file else device, filename="x")
+    assert not runtime.uploads and not runtime.storage_calls
 
 
 class _Mine(TimeoutError):
