@@ -1702,11 +1702,14 @@ class _LogStream:
         position = _LogPosition()
         try:
             while True:
+                failure: Optional[Exception] = None
                 try:
                     if (yield from self._connection(position)):
                         return
                 except _LOG_FAILURES as exc:
-                    self._failed(exc)
+                    failure = exc
+                if failure is not None:  # counted outside the except: what _failed raises has no __context__
+                    self._failed(failure)
                 position.reconnected()
         except _Closed:
             return
