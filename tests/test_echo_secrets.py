@@ -220,7 +220,7 @@ def test_no_echoed_key_in_the_text_of_transport_errors(broken, monkeypatch, quic
         try:
             call()
         except cw.CodewordsError as error:
-            texts += _texts(error) + ["".join(traceback.format_exception(type(error), error, error.__traceback__))]
+            texts += [*_texts(error), "".join(traceback.format_exception(type(error), error, error.__traceback__))]
     assert [text for text in texts if PREFIX in text] == []
 
 
