@@ -2201,12 +2201,14 @@ class _upload_source:
             self._opened.close()
 
     def _copied(self, source: IO[bytes]) -> IO[bytes]:
-        """A temporary file holding what the source yields to its end (closing the source if it was opened here)."""
+        """A temporary file holding what the source yields to its end (the source closed if opened here)."""
         copy = tempfile.TemporaryFile()
-        opened, self._opened = self._opened, copy
-        shutil.copyfileobj(source, copy, UPLOAD_BLOCK)
-        if opened is not None:
-            opened.close()
+        try:
+            shutil.copyfileobj(source, copy, UPLOAD_BLOCK)
+        finally:
+            if self._opened is not None:
+                self._opened.close()
+            self._opened = copy  # closed by __exit__
         copy.seek(0)
         return copy
 
