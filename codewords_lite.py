@@ -51,6 +51,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -336,7 +337,10 @@ class Client:
         # One pool for all threads (urllib3's pools are thread-safe): it holds as many connections
         # as calls ever ran at once, however many threads come and go.
         self._pool = _WatchedAdapter(pool_maxsize=POOL_SIZE)
+        self._pool_pid = os.getpid()  # a child process after fork() makes its own (see _connections)
         self._closed = False
+        self._streams: weakref.WeakSet[LogStream] = weakref.WeakSet()  # live logs(), stopped by close()
+        self._streams_lock = threading.Lock()
         self._gate = _RateGate()
 
     def __repr__(self) -> str:
@@ -360,13 +364,24 @@ class Client:
 
     def close(self) -> None:
         """Close the connections this client opened (not those of a session it was given); any
-        later call raises RuntimeError."""
+        later call raises RuntimeError, and so does a logs() iterator already streaming."""
         self._closed = True
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.close()
         self._pool.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this codewords_lite.Client is closed: make a new one")
+
+    def _connections(self) -> _WatchedAdapter:
+        """The client's pool of connections. A child process after fork() gets a new one: sharing
+        the parent's sockets would mix the two processes' answers (the child's copies are dropped)."""
+        if self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = _WatchedAdapter(pool_maxsize=POOL_SIZE), os.getpid()
+        return self._pool
 
     # -- running workflows ------------------------------------------------------------------
 
@@ -725,7 +740,6 @@ class Client:
             while True:
                 self._check_open()
                 body.rewind()
-                cause: Optional[BaseException] = None
                 try:
                     response = storage.put(
                         url,
@@ -736,11 +750,10 @@ class Client:
                         proxies=proxies,
                         verify=verify,
                     )
+                except _SourceFailed as exc:
+                    raise exc.error from None  # the caller's, not the network's: no retry
                 except requests.RequestException as exc:
-                    if body.failure is not None:
-                        raise body.failure from None  # from the source or on_progress: the caller's, not the network's
-                    cause = exc
-                    error: CodewordsError = _connection_error("PUT", where, exc, None)
+                    error: CodewordsError = _connection_error("PUT", where, exc, None, self._key())
                     retryable = _is_transport_failure(exc)
                     wait = _backoff(attempt)
                 else:
@@ -751,7 +764,7 @@ class Client:
                     retry_after = _retry_after(response)
                     wait = _backoff(attempt) if retry_after is None else retry_after
                 if not retryable or attempt == self.max_retries:
-                    raise error from cause
+                    raise error from error.__cause__  # chosen by _connection_error
                 attempt += 1
                 logger.info(
                     "PUT %s failed (%s); retry %d of %d in %.2f s", where, error, attempt, self.max_retries, wait
@@ -891,7 +904,7 @@ class Client:
                 self._gate.leave(starts_a_run, answered)
             if error is None:
                 return outcome  # type: ignore[return-value]
-            cause = outcome if isinstance(outcome, BaseException) else None
+            cause = error.__cause__  # the failure of requests, unless it carries the key (_connection_error)
             if then == _CUT:
                 raise _CutShort(error) from cause
             if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
@@ -923,7 +936,7 @@ class Client:
         and a 504 from the gateway or a read timeout is _CUT (it was sent; it may go on).
         """
         if isinstance(outcome, requests.RequestException):
-            error: CodewordsError = _connection_error(method, url_path, outcome, request_id)
+            error: CodewordsError = _connection_error(method, url_path, outcome, request_id, self._key())
             if _nothing_sent(outcome) or (not kind and _is_transport_failure(outcome)):
                 return error, _RESEND, _backoff(attempt)
             if kind == _RUN and isinstance(outcome, requests.ReadTimeout):
@@ -1051,7 +1064,7 @@ class Client:
         prepared.prepare(method=method, url=url, headers=headers, data=body)
         watch = _WATCHDOG.watch(deadline)
         try:
-            response = self._pool.send(
+            response = self._connections().send(
                 prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
             )
             if not stream:
@@ -1335,12 +1348,7 @@ def _without_key(value: Any, response: requests.Response) -> Any:
     """
     sent = response.request.headers.get("Authorization", "") if response.request is not None else ""
     key = sent[len("Bearer ") :] if sent.startswith("Bearer ") else sent
-    if not key:
-        return value
-    try:
-        return _masked(value, key)
-    except RecursionError:
-        raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+    return _masked(value, key) if key else value
 
 
 def _describe(detail: Any) -> str:
@@ -1359,14 +1367,27 @@ def _describe(detail: Any) -> str:
 
 
 def _masked(value: Any, secret: str) -> Any:
-    """The value with every occurrence of the secret in its strings replaced by ***."""
-    if isinstance(value, str):
-        return value.replace(secret, "***")
-    if isinstance(value, list):
-        return [_masked(item, secret) for item in value]
-    if isinstance(value, dict):
-        return {_masked(k, secret): _masked(v, secret) for k, v in value.items()}
-    return value
+    """The value with every occurrence of the secret in its strings replaced by ***: a copy of
+    its lists and dicts made without recursion, so that no depth of nesting is too deep."""
+
+    def copied(item: Any) -> Any:
+        if isinstance(item, str):
+            return item.replace(secret, "***")
+        return [] if isinstance(item, list) else {} if isinstance(item, dict) else item
+
+    top = copied(value)
+    todo = [(value, top)] if isinstance(value, (list, dict)) else []
+    while todo:
+        original, copy = todo.pop()
+        for key, item in original.items() if isinstance(original, dict) else enumerate(original):
+            twin = copied(item)
+            if isinstance(copy, list):
+                copy.append(twin)
+            else:
+                copy[copied(key)] = twin
+            if isinstance(item, (list, dict)):
+                todo.append((item, twin))
+    return top
 
 
 def _request_id_in(response: requests.Response) -> str:
@@ -1426,8 +1447,13 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
 
 def _nothing_sent(exc: BaseException) -> bool:
     """Whether a failure happened before the request left: a refused or timed-out connect."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
+    return isinstance(exc, requests.ConnectTimeout) or any(
+        isinstance(error, (ConnectionRefusedError, socket.gaierror)) for error in _causes(exc)
+    )
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and every exception it holds: its causes, contexts, reasons and arguments."""
     seen = set()
     todo = [exc]
     while todo:
@@ -1435,15 +1461,23 @@ def _nothing_sent(exc: BaseException) -> bool:
         if id(error) in seen:
             continue
         seen.add(id(error))
-        if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
-            return True
+        yield error
         todo.extend(
             e
             for e in (error.__cause__, error.__context__, getattr(error, "reason", None))
             if isinstance(e, BaseException)
         )
         todo.extend(a for a in error.args if isinstance(a, BaseException))
-    return False
+
+
+def _foreign_text(exc: BaseException, key: str) -> Tuple[str, Optional[BaseException]]:
+    """The text of an exception from requests, urllib3 or http.client, with the key masked, and
+    the exception to chain as ``__cause__``: None if the key is in its text or a cause's (a
+    server may echo it in a status line or a chunk size), and then its type name is in the text."""
+    text = str(exc)
+    if not any(key in str(error) or key in repr(error.args) for error in _causes(exc)):
+        return text, exc
+    return f"{type(exc).__name__}: {text.replace(key, '***')}", None
 
 
 def _check_complete(response: requests.Response) -> None:
@@ -1469,10 +1503,14 @@ def _is_transport_failure(exc: requests.RequestException) -> bool:
 
 
 def _connection_error(
-    method: str, url_path: str, exc: requests.RequestException, request_id: Optional[str]
+    method: str, url_path: str, exc: requests.RequestException, request_id: Optional[str], key: str
 ) -> APIConnectionError:
+    """The error for a failed exchange, with ``exc`` as its ``__cause__`` unless it carries the key."""
+    text, cause = _foreign_text(exc, key)
     cls = APITimeoutError if isinstance(exc, requests.Timeout) else APIConnectionError
-    return cls(f"{method} {_strip_query(url_path)} failed: {exc}", request_id=request_id)
+    error = cls(f"{method} {_strip_query(url_path)} failed: {text}", request_id=request_id)
+    error.__cause__ = cause
+    return error
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -1866,11 +1904,14 @@ class LogStream:
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
         self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
         self._entries = self._follow()
+        with client._streams_lock:
+            client._streams.add(self)
 
     def __iter__(self) -> LogStream:
         return self
 
     def __next__(self) -> LogEntry:
+        self._client._check_open()
         return next(self._entries)
 
     def close(self) -> None:
@@ -1887,11 +1928,14 @@ class LogStream:
         position = _LogPosition()
         try:
             while True:
+                failure: Optional[Exception] = None
                 try:
                     if (yield from self._connection(position)):
                         return
                 except _LOG_FAILURES as exc:
-                    self._failed(exc)
+                    failure = exc
+                if failure is not None:  # counted outside the except: what _failed raises has no __context__
+                    self._failed(failure)
                 position.reconnected()
         except _Closed:
             return
@@ -1988,15 +2032,16 @@ class LogStream:
         one; APIConnectionError after LOG_RECONNECTS of them in a row."""
         self._check_closed()
         self._failures += 1
+        text, cause = _foreign_text(exc, self._client._key())
         if self._failures > LOG_RECONNECTS:
             raise APIConnectionError(
-                f"the log stream of {self.request_id} failed {self._failures} times in a row: {exc}",
+                f"the log stream of {self.request_id} failed {self._failures} times in a row: {text}",
                 request_id=self.request_id,
-            ) from exc
+            ) from cause
         wait = min(LOG_BACKOFF[0] * 2 ** (self._failures - 1), LOG_BACKOFF[1]) if self._retry is None else self._retry
         retry_after = getattr(exc, "retry_after", None)
         wait = wait if retry_after is None else max(wait, retry_after)
-        logger.info("log stream of %s failed (%s); reconnecting in %.1f s", self.request_id, exc, wait)
+        logger.info("log stream of %s failed (%s); reconnecting in %.1f s", self.request_id, text, wait)
         self._sleep(wait)
 
     def _unless_closed(self, call: Callable[[], _T]) -> _T:
@@ -2042,6 +2087,7 @@ class _LogFollower:
     """Streams a run's logs to ``on_log`` on a background thread while the caller waits."""
 
     def __init__(self, client: Client, request_id: str, on_log: Callable[[LogEntry], Any]) -> None:
+        self._client = client
         self._stream = LogStream(client, request_id)
         self._on_log = on_log
         self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
@@ -2064,6 +2110,11 @@ class _LogFollower:
                 return
             except CodewordsError as exc:
                 logger.warning("stopped streaming the logs of %s: %s", request_id, exc)
+                return
+            except RuntimeError:
+                if not self._client._closed:
+                    raise
+                logger.debug("stopped streaming the logs of %s: the client was closed", request_id)
                 return
             try:
                 self._on_log(entry)
@@ -2292,7 +2343,6 @@ class _UploadBody:
         self._source, self._start, self._size, self._on_progress = source, start, size, on_progress
         self._sent = 0
         self._reported = 0.0
-        self.failure: Optional[BaseException] = None  # raised by the source or on_progress while requests read
 
     def __len__(self) -> int:
         return self._size
@@ -2304,8 +2354,9 @@ class _UploadBody:
         self._report(force=True)
 
     def read(self, size: int = -1) -> bytes:
-        """The next block. What the source or on_progress raises is kept in ``failure``: urllib3
-        would wrap an OSError (a TimeoutError too) as a dropped connection, which is retried."""
+        """The next block. What the source or on_progress raises comes out wrapped in _SourceFailed,
+        which is no OSError: urllib3 would take an OSError (a TimeoutError too) for a dropped
+        connection and retry, or swallow a BrokenPipeError and wait for an answer to a cut body."""
         try:
             count = min(UPLOAD_BLOCK, self._size - self._sent)
             block: Union[bytes, memoryview]
@@ -2318,8 +2369,7 @@ class _UploadBody:
             self._sent += len(block)
             self._report(force=self._sent == self._size)
         except BaseException as exc:
-            self.failure = exc
-            raise
+            raise _SourceFailed(exc) from None
         return block  # type: ignore[return-value]
 
     def _report(self, force: bool) -> None:
@@ -2328,12 +2378,21 @@ class _UploadBody:
             self._on_progress(self._sent, self._size)
 
 
+class _SourceFailed(Exception):
+    """Carries what the source or on_progress raised out of requests, to be raised as it was."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class _upload_source:
     """Opens what ``upload`` was given: (source, start offset, size, default name); closes what it opened.
 
-    A stream that cannot seek, or a path to anything but a regular file with a size (a FIFO,
-    ``/dev/stdin``, a file of ``/proc``), is first copied to a temporary file, for its size and
-    for retries.
+    A regular file with a size is streamed from where it stands. Anything else read through a
+    file descriptor or that cannot seek (a FIFO, a pipe, a socket, ``/dev/stdin``, a terminal, a
+    file of ``/proc``, whose size says 0) is first copied to a temporary file, to its end, for its
+    size and for retries. A device that is not a terminal (``/dev/urandom``) is refused.
     """
 
     def __init__(self, source: Any) -> None:
@@ -2341,37 +2400,57 @@ class _upload_source:
         self._opened: Optional[IO[bytes]] = None
 
     def __enter__(self) -> Tuple[Union[IO[bytes], memoryview], int, int, Optional[str]]:
-        source = self._source
-        if isinstance(source, (str, os.PathLike)):
-            name = os.path.basename(os.fspath(source))
-            self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
-            info = os.fstat(self._opened.fileno())
-            if stat.S_ISREG(info.st_mode) and info.st_size:
-                return self._opened, 0, info.st_size, name
-            opened, self._opened = self._opened, tempfile.TemporaryFile()
-            with opened:
-                shutil.copyfileobj(opened, self._opened, UPLOAD_BLOCK)
-            return self._opened, 0, self._opened.seek(0, os.SEEK_END), name
+        source, name = self._source, None
         if isinstance(source, (bytes, bytearray, memoryview)):
             view = memoryview(source).cast("B")
             return view, 0, view.nbytes, None
-        if not callable(getattr(source, "read", None)):
+        if isinstance(source, (str, os.PathLike)):
+            name = os.path.basename(os.fspath(source))
+            source = self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
+        elif not callable(getattr(source, "read", None)):
             raise TypeError(f"upload takes a path, bytes or a binary file object, not {type(source).__name__}")
-        if isinstance(source, io.TextIOBase):
+        elif isinstance(source, io.TextIOBase):
             raise TypeError("upload needs a binary file object: open the file with 'rb'")
-        if not (getattr(source, "seekable", lambda: False)()):
-            self._opened = tempfile.TemporaryFile()
-            shutil.copyfileobj(source, self._opened, UPLOAD_BLOCK)
-            source = self._opened
-            source.seek(0)
-        start = source.tell()
-        size = source.seek(0, os.SEEK_END) - start
-        source.seek(start)
-        return source, start, size, None
+        try:
+            if not _has_size(source):
+                source = self._copied(source)
+            start = source.tell()
+            size = source.seek(0, os.SEEK_END) - start
+            source.seek(start)
+        except BaseException:
+            self.__exit__()
+            raise
+        return source, start, size, name
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._opened is not None:
             self._opened.close()
+
+    def _copied(self, source: IO[bytes]) -> IO[bytes]:
+        """A temporary file holding what the source yields to its end (the source closed if opened here)."""
+        copy = tempfile.TemporaryFile()
+        try:
+            shutil.copyfileobj(source, copy, UPLOAD_BLOCK)
+        finally:
+            if self._opened is not None:
+                self._opened.close()
+            self._opened = copy  # closed by __exit__
+        copy.seek(0)
+        return copy
+
+
+def _has_size(source: IO[bytes]) -> bool:
+    """Whether a file object can be sent as it is: it seeks, and its file descriptor, if it has
+    one, is a regular file with a size. ValueError for a device other than a terminal, which is
+    no file (/dev/null) or never ends (/dev/zero, /dev/urandom)."""
+    try:
+        descriptor = source.fileno()
+    except (AttributeError, OSError, ValueError):  # io.BytesIO has none
+        return bool(getattr(source, "seekable", lambda: False)())
+    info = os.fstat(descriptor)
+    if stat.S_ISCHR(info.st_mode) and not os.isatty(descriptor):
+        raise ValueError("upload cannot read a device such as /dev/zero: give a file, a pipe or bytes")
+    return stat.S_ISREG(info.st_mode) and info.st_size > 0 and source.seekable()
 
 
 def _check_filename(filename: Optional[str]) -> str:
@@ -2384,6 +2463,10 @@ def _check_filename(filename: Optional[str]) -> str:
         or _BAD_FILENAME.search(filename)
     ):
         raise ValueError(f"bad filename {filename!r}: want a plain file name such as 'data.csv'")
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:  # a name of bytes that are not UTF-8, or a lone surrogate
+        raise ValueError(f"bad filename {filename!r}: it is not valid UTF-8") from None
     return filename
 
 
@@ -2459,7 +2542,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = _cli_parser(argparse).parse_args(argv)
     if args.debug:
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.addFilter(_unechoed_record)
+        logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     status = _Status(sys.stderr, enabled=sys.stderr.isatty() and not args.debug)
     if not os.environ.get(API_KEY_ENV):
         print(f"codewords-lite: no API key: export {API_KEY_ENV}=... (from the environment only)", file=sys.stderr)
@@ -2496,6 +2582,17 @@ def _unechoed(value: Any) -> Any:
     """What the command line prints, with the key masked: a workflow or a server may echo it."""
     key = os.environ.get(API_KEY_ENV)
     return _masked(value, key) if key else value
+
+
+def _unechoed_record(record: logging.LogRecord) -> bool:
+    """A filter of the --debug log handler that masks the key in every record, urllib3's too
+    (it quotes a header line it cannot parse): its message, traceback and stack."""
+    record.msg, record.args = _unechoed(record.getMessage()), None
+    if record.exc_info:
+        record.exc_text = _unechoed(logging.Formatter().formatException(record.exc_info))
+    if record.stack_info:
+        record.stack_info = _unechoed(record.stack_info)
+    return True
 
 
 def _cli_failure(error: Exception) -> Tuple[int, str]:
@@ -2602,8 +2699,13 @@ def _cli_details(client: Client, args: Any, status: _Status) -> Any:
 
 def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
     describe, on_progress = _upload_line()
-    with status.showing(describe):
-        url = client.upload(args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress)
+    try:
+        with status.showing(describe):
+            url = client.upload(
+                args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress
+            )
+    except ValueError as exc:  # a file name that cannot be sent, say: bad usage
+        raise _UsageError(str(exc)) from None
     print(url)
     return _NO_OUTPUT
 

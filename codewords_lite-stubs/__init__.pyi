@@ -184,7 +184,7 @@ class Client:
     def __exit__(self, *exc_info: Any) -> None: ...
     def close(self) -> None:
         """Close the connections this client opened (not those of a session it was given); any
-        later call raises RuntimeError."""
+        later call raises RuntimeError, and so does a logs() iterator already streaming."""
     def run(
         self,
         service_id: str,

@@ -5,9 +5,12 @@ import json
 import logging
 import os
 import pickle
+import re
+import socketserver
 import subprocess
 import sys
 import threading
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -161,3 +164,81 @@ def test_an_answer_to_post_file_cannot_send_the_key_to_the_storage_host(quick_re
             client.upload(b"abc", filename="a.txt")
         assert PREFIX not in " ".join(_texts(info.value))
         assert runtime.storage_calls and PREFIX not in json.dumps(runtime.storage_calls)
+
+
+class _RawEcho(socketserver.ThreadingTCPServer):
+    """Answers every request with raw bytes that break HTTP, the request's key in them."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, answer):
+        self.answer = answer
+        super().__init__(("127.0.0.1", 0), _RawHandler)
+
+
+class _RawHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline()
+            if not line:
+                return
+            head += line
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        self.rfile.read(int(length[1]) if length else 0)
+        key = re.search(rb"(?i)authorization: *bearer (\S+)", head)[1]
+        self.wfile.write(self.server.answer(key))
+
+
+_BROKEN_ANSWERS = {
+    # http.client's BadStatusLine quotes the line
+    "status line": lambda key: b"HTTP/1.1 2OO " + key + b"\r\nContent-Length: 0\r\n\r\n",
+    # urllib3's InvalidChunkLength quotes the size line
+    "chunk size": lambda key: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + key + b"\r\n",
+    # urllib3 logs "Failed to parse headers ... unparsed data: '<key>...'"
+    "header line": lambda key: (
+        b"HTTP/1.1 200 OK\r\nX-Echo: ok\r\n"
+        + key
+        + b'\r\nContent-Type: application/json\r\nContent-Length: 18\r\n\r\n{"request_id":"r"}'
+    ),
+}
+
+
+@pytest.fixture(params=sorted(_BROKEN_ANSWERS))
+def broken(request):
+    server = _RawEcho(_BROKEN_ANSWERS[request.param])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_no_echoed_key_in_the_text_of_transport_errors(broken, monkeypatch, quick_retries):
+    """Regression: the key echoed in a status line or a chunk size reached our exception's text
+    (pasted from requests' error) and its __cause__ chain, and a log stream's failure too."""
+    monkeypatch.setattr(cw, "LOG_BACKOFF", (0.001, 0.002))
+    client = cw.Client(KEY, base_url=broken, max_retries=0)
+    texts = []
+    for call in (client.provision, lambda: client.details("r1"), lambda: list(client.logs("r1"))):
+        try:
+            call()
+        except cw.CodewordsError as error:
+            texts += [*_texts(error), "".join(traceback.format_exception(type(error), error, error.__traceback__))]
+    assert [text for text in texts if PREFIX in text] == []
+
+
+def test_no_echoed_key_in_transport_errors_on_the_command_line(broken):
+    """Regression: the CLI's one line and its --debug traceback carried the key from a transport
+    error, and its --debug log showed urllib3's warning quoting a header line with the key."""
+    env = dict(os.environ, CODEWORDS_API_KEY=KEY, CODEWORDS_BASE_URL=broken)
+    for command in (["details", "r1"], ["start", "svc", "--debug"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "codewords_lite", *command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert PREFIX not in result.stdout + result.stderr

@@ -1,12 +1,14 @@
 """Input that surprises: JSON nested 100,000 deep, FIFOs and devices as upload paths, callbacks
 and file objects that raise, non-UTF-8 input files, lone surrogates, a library left to print."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -74,30 +76,58 @@ def test_a_fifo_is_copied_before_anything_is_sent(runtime, client, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs procfs")
-def test_character_devices_and_files_with_no_size_are_read_whole(runtime, client):
-    """A character device and a /proc file (a regular file whose size says 0) are copied first, not sent empty."""
-    client.upload("/dev/null")
+def test_files_with_no_size_are_read_whole(runtime, client):
+    """A /proc file (a regular file whose size says 0) is copied first, not sent empty, as a path
+    and as a file object (regression: a file object was sent empty)."""
     client.upload("/proc/self/status")
-    sizes = sorted(upload["size"] for upload in runtime.uploads.values())
-    assert sizes[0] == 0 and sizes[1] > 100
+    with open("/proc/self/status", "rb") as status:
+        client.upload(status, filename="status")
+    assert [upload["size"] > 100 for upload in runtime.uploads.values()] == [True, True]
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/zero", "/dev/urandom"])
+@pytest.mark.parametrize("as_file", [False, True])
+def test_a_device_that_is_not_a_terminal_is_refused_before_anything_is_sent(runtime, client, device, as_file):
+    """Regression: a file object on /dev/urandom seeked and said size 0, and an empty file was
+    uploaded; a path to it was copied for ever. A device is no file: ValueError, nothing sent.
+    (/dev/null, copied as an empty file before, is refused by the same rule.)"""
+    with open(device, "rb") as opened, pytest.raises(ValueError, match="device"):
+        client.upload(opened if as_file else device, filename="x")
+    assert not runtime.uploads and not runtime.storage_calls
 
 
 class _Mine(TimeoutError):
     pass
 
 
-@pytest.mark.parametrize("error", [_Mine("mine"), OSError("mine"), ValueError("mine"), KeyboardInterrupt()])
-def test_what_on_progress_raises_stops_the_upload_at_once_and_reaches_the_caller(runtime, client, error, quick_retries):
+@pytest.mark.parametrize(
+    "error",
+    [
+        _Mine("mine"),
+        OSError("mine"),
+        ValueError("mine"),
+        KeyboardInterrupt(),
+        BrokenPipeError(errno.EPIPE, "mine"),  # print() to a closed pipe
+        ConnectionResetError(errno.ECONNRESET, "mine"),
+    ],
+)
+def test_what_on_progress_raises_stops_the_upload_at_once_and_reaches_the_caller(
+    runtime, client, error, quick_retries, monkeypatch
+):
     """Regression: an OSError (a TimeoutError) raised in on_progress was taken for a dropped
-    connection, and the PUT was sent again 3 times."""
+    connection, and the PUT was sent again 3 times; a BrokenPipeError or ConnectionResetError was
+    swallowed by urllib3, which then waited for the storage host's answer to a cut body."""
+    monkeypatch.setattr(cw, "UPLOAD_READ_TIMEOUT", 10.0)  # how long a wait for that answer would take
 
     def on_progress(sent, total):
         if sent:  # while requests is sending the body
             raise error
 
+    began = time.monotonic()
     with pytest.raises(type(error)) as info:
         client.upload(b"x" * (3 << 20), filename="a.bin", on_progress=on_progress)
     assert info.value is error
+    assert time.monotonic() - began < cw.UPLOAD_READ_TIMEOUT  # it did not wait for an answer
     assert (
         len(runtime.storage_calls) <= 1 and runtime.uploads and not any("size" in u for u in runtime.uploads.values())
     )
@@ -216,3 +246,33 @@ def test_the_library_prints_nothing_when_logging_is_not_configured(runtime):
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "{'a': 1}\n", "")
     assert runtime.faults_applied["404"] == 1  # the provision did fail
+
+
+def test_masking_the_key_works_at_any_depth(runtime):
+    """Regression: the command line's masking recursed, and a record nested ~900 deep (which
+    json.loads reads) printed a RecursionError traceback; the library's masking refused it."""
+    deep = {"k": runtime.api_key}
+    for _ in range(100_000):
+        deep = [deep]
+    masked = cw._masked(deep, runtime.api_key)
+    for _ in range(100_000):
+        masked = masked[0]
+    assert masked == {"k": "***"}
+    runtime.fault("GET", "/request/", status=200, body=b'{"id": "req_1", "a": ' + b"[" * 900 + b"]" * 900 + b"}")
+    result = _cli(runtime, "details", "req_1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["id"] == "req_1"
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_anything_is_sent(runtime, client, tmp_path):
+    """Regression: a file name of bytes that are not UTF-8 (legal on Linux) passed the check, and
+    quote() then raised UnicodeEncodeError; the command line printed a traceback and exited 1."""
+    with pytest.raises(ValueError, match="UTF-8"):
+        client.upload(b"x", filename="r\udce9sum\udce9.csv")
+    path = os.path.join(os.fsencode(tmp_path), b"r\xe9sum\xe9.csv")
+    with open(path, "wb") as file:
+        file.write(b"a,b\n")
+    for args in ([b"upload", path], [b"upload", path, b"--filename", b"\xff.csv"]):
+        result = _cli(runtime, *args)
+        assert result.returncode == 2 and result.stderr.count(b"\n") == 1 and b"UTF-8" in result.stderr
+    assert runtime.calls == []

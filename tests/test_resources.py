@@ -174,3 +174,62 @@ def test_uploads_go_through_the_given_sessions_proxies_and_verify(runtime, monke
     assert put["target"].startswith(runtime.storage_url + "/upload/")
     assert "Authorization" not in put["headers"] and runtime.api_key not in json.dumps(put)
     assert ("PUT", "/etc/our-ca.pem") in verifies and ("POST", "/etc/our-ca.pem") in verifies
+
+
+def test_close_stops_a_log_stream_already_streaming(runtime):
+    """Regression: a logs() iterator already streaming kept delivering entries after close()."""
+    client = cw.Client(runtime.api_key, base_url=runtime.url)
+    request_id = client.start("sleep", {"seconds": 3, "lines": 30}).request_id
+    stream = client.logs(request_id)
+    next(stream)
+    client.close()
+    with pytest.raises(RuntimeError, match="Client is closed"):
+        next(stream)
+    assert stream._closed.is_set()  # stopped, its socket shut, not merely refused
+
+
+def test_close_during_a_run_with_on_log_prints_nothing(runtime, monkeypatch):
+    """Regression: close() while run(on_log=...) went on let a RuntimeError escape the log
+    follower's thread, and Python printed its traceback: a library prints nothing."""
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    client = cw.Client(runtime.api_key, base_url=runtime.url)
+    first_line = threading.Event()
+
+    def run():
+        try:
+            client.run("sleep", {"seconds": 1, "lines": 4}, on_log=lambda entry: first_line.set())
+        except RuntimeError:
+            pass  # the closed client's refusal, in the caller's thread: as it should be
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    assert first_line.wait(30)
+    client.close()
+    caller.join(30)
+    for thread in threading.enumerate():
+        if thread.name.startswith("codewords-logs"):
+            thread.join(30)
+    assert escaped == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_uses_connections_of_its_own(runtime):
+    """Regression: after fork() the child shared the parent's pooled keep-alive socket, and the
+    first call in each process failed (once a run waited until its deadline)."""
+    client = cw.Client(runtime.api_key, base_url=runtime.url, max_retries=0)
+    client.details(client.start("echo").request_id)  # an idle connection in the pool
+    request_id = client.start("echo").request_id
+    readable, writable = os.pipe()
+    pid = os.fork()
+    failures = 0
+    for _ in range(20):
+        try:
+            failures += client.details(request_id)["id"] != request_id
+        except Exception:
+            failures += 1
+    if pid == 0:
+        os.write(writable, str(failures).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert (failures, int(os.read(readable, 100))) == (0, 0)
