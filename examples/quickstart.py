@@ -64,7 +64,7 @@ def emulator_tour() -> None:
         print("4. A failing workflow")
         try:
             client.run("fail", {"detail": "the input was wrong"})
-        except cw.ServerError as error:
+        except cw.RunFailed as error:  # the workflow's own failure
             print(f"   {type(error).__name__}: {error}")
 
         print("5. The same from the command line")
