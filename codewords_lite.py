@@ -436,7 +436,7 @@ class Client:
             raise KeyboardInterrupt(message) from None
         finally:
             if plan.follower is not None:
-                plan.follower.finish(drain=ended)
+                plan.follower.finish(plan.deadline if ended else None)
 
     def _run_blocking(self, plan: _RunPlan) -> Any:
         """POST /run, and the plan's fallback if its answer is cut short."""
@@ -462,7 +462,7 @@ class Client:
                 raise cut.error from cut.__cause__
             logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, cut.error)
             if plan.follower is not None:  # only the run whose output is returned streams its logs
-                plan.follower.finish(drain=False)
+                plan.follower.finish()
                 plan.follower = None
             url_path = _service_path("run_async", plan.service_id, plan.path)
             plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit).request_id
@@ -615,9 +615,13 @@ class Client:
         NDJSON and server-sent events are both read; a line or event that is not a JSON object
         comes as ``{"rawText": text}``. A dropped stream is reconnected and resumes where it
         stopped; a silent one is asked about the run, and ends once the run has. Call
-        ``.close()`` on the iterator to stop early.
+        ``.close()`` on the iterator to stop early. Refused with a one-time key: following a
+        stream to its end may take more than one request.
         """
-        return _LogStream(self, _check_name("request id", request_id))
+        request_id = _check_name("request id", request_id)
+        if self._one_time_key():
+            raise ConfigurationError(_ONE_REQUEST.format("logs() may reconnect and ask whether the run has ended"))
+        return _LogStream(self, request_id)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -712,7 +716,7 @@ class Client:
         Any other failure is raised: a run sent without an id would meet the same network.
         """
         try:
-            return _request_id_in(self._request("POST", "/provision-request", deadline=deadline))
+            return _request_id_in(self._request("POST", "/provision-request", deadline=deadline, kind=_PROVISION))
         except AuthenticationError as exc:
             raise AuthenticationError(
                 f"the API key was refused ({exc.status_code}): {_describe(exc.detail)}",
@@ -746,7 +750,7 @@ class Client:
             raise KeyboardInterrupt(_interrupted("wait", request_id)) from None
         finally:
             if follower is not None:
-                follower.finish(drain=not interrupted)
+                follower.finish(None if interrupted else deadline)
 
     def _poll_for_record(self, request_id: str, deadline: float) -> Dict[str, Any]:
         backoff = POLL_BACKOFF[0]
@@ -801,13 +805,15 @@ class Client:
         """Send one API call, send it again while that is safe, and return a 2xx or ``not_yet`` answer.
 
         ``kind`` is _RUN for POST /run and _START for POST /run_async, the calls that start a
-        workflow (see ``_judge``). ``admit`` is called before each send of one, and may refuse it.
-        ``retry=False`` sends it once, for a caller that retries in its own way.
+        workflow, and _PROVISION for a run's provision (see ``_judge``). ``admit`` is called before
+        each send of one, and may refuse it. ``retry=False`` sends it once, for a caller that
+        retries in its own way.
         """
         all_headers = self._headers()
         if headers:
             all_headers.update(headers)
-        retries = 0 if not retry or self._one_time_key() else self.max_retries
+        one_time = self._one_time_key()  # one request: no retry, and no question afterwards
+        retries = 0 if not retry or one_time else self.max_retries
         starts_a_run = kind in (_RUN, _START)  # the calls a limit on concurrent executions counts
         attempt = 0
         while True:
@@ -829,7 +835,7 @@ class Client:
                     outcome = exc
                 error, then, wait = self._judge(method, url_path, outcome, kind, request_id, not_yet, attempt)
                 answered = error is None
-                if then in (_ASK, _CHECK) and request_id is not None and isinstance(error, APIStatusError):
+                if then in (_ASK, _CHECK) and request_id and not one_time and isinstance(error, APIStatusError):
                     self._raise_if_started(error, request_id, deadline)  # asked before the pause below
                 if isinstance(error, RateLimitError):
                     self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
@@ -840,7 +846,7 @@ class Client:
             cause = outcome if isinstance(outcome, BaseException) else None
             if then == _CUT:
                 raise _CutShort(error) from cause
-            if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
+            if then in (_RAISE, _CHECK) or (then == _ASK and (request_id is None or one_time)):
                 raise error from cause  # a run that may have started, or that cannot be told apart
             if attempt == retries or time.monotonic() + wait >= deadline:
                 raise error from cause
@@ -861,16 +867,21 @@ class Client:
     ) -> Tuple[Optional[CodewordsError], str, float]:
         """What an answer or a failure means: (the error or None, what to do next, seconds to wait).
 
-        Any call may be sent again if it never left. A call that starts no run may be sent again
-        after any failure that may pass. POST /run_async answers before its run starts, so its
-        429 and 503 may be sent again. POST /run may be sent again only when its run is known
-        not to have started: a 429 or 503 not marked as the workflow's is _ASK (the record
-        says whether it started), other 4xx are _CHECK (the record says whose answer it was),
-        and a 504 from the gateway or a read timeout is _CUT (it was sent; it may go on).
+        Any call may be sent again if it never left, but a run's provision (_PROVISION): a host
+        that cannot be reached would not take the run either. A call that starts no run may be
+        sent again after any failure that may pass. POST /run_async answers before its run
+        starts, so its 429 and 503 may be sent again. POST /run may be sent again only when its
+        run is known not to have started: a 429 or 503 not marked as the workflow's is _ASK (the
+        record says whether it started), any other error answer is _CHECK (the record says whose
+        answer it was), and a 504 from the gateway or a read timeout is _CUT (it was sent; it
+        may go on).
         """
+        starts_a_run = kind in (_RUN, _START)
         if isinstance(outcome, requests.RequestException):
             error: CodewordsError = _connection_error(method, url_path, outcome, request_id)
-            if _nothing_sent(outcome) or (not kind and _is_transport_failure(outcome)):
+            if _nothing_sent(outcome):
+                return error, _RAISE if kind == _PROVISION else _RESEND, _backoff(attempt)
+            if not starts_a_run and _is_transport_failure(outcome):
                 return error, _RESEND, _backoff(attempt)
             if kind == _RUN and isinstance(outcome, requests.ReadTimeout):
                 return error, _CUT, 0.0
@@ -887,9 +898,9 @@ class Client:
             return error, _CUT, 0.0
         if status in (429, 503):
             return error, _ASK if kind == _RUN else _RESEND, wait
-        if kind == _RUN and status < 500 and status not in (401, 403):
+        if kind == _RUN:
             return error, _CHECK, 0.0
-        if not kind and status in (500, 502, 504):
+        if not starts_a_run and status in (500, 502, 504):
             return error, _RESEND, wait
         return error, _RAISE, 0.0
 
@@ -1229,26 +1240,15 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
     return output
 
 
-def _nothing_sent(exc: BaseException) -> bool:
-    """Whether a failure happened before the request left: a refused or timed-out connect."""
+def _nothing_sent(exc: requests.RequestException) -> bool:
+    """Whether a failure happened before the request left: no connection could be made (refused,
+    timed out, or its host name not resolved). Told by what the failure is, as requests and urllib3
+    build it, never by the exceptions that were being handled when it was raised."""
     if isinstance(exc, requests.ConnectTimeout):
         return True
-    seen = set()
-    todo = [exc]
-    while todo:
-        error = todo.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
-            return True
-        todo.extend(
-            e
-            for e in (error.__cause__, error.__context__, getattr(error, "reason", None))
-            if isinstance(e, BaseException)
-        )
-        todo.extend(a for a in error.args if isinstance(a, BaseException))
-    return False
+    failure = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else None
+    reason = getattr(failure, "reason", failure)  # urllib3's MaxRetryError wraps it
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)  # NameResolutionError is one too
 
 
 def _check_complete(response: requests.Response) -> None:
@@ -1336,6 +1336,7 @@ def _without_query(url: str) -> str:
 # -- runs ----------------------------------------------------------------------------------------
 
 _RUN, _START = "run", "start"  # the kinds of call that start a workflow: POST /run, POST /run_async
+_PROVISION = "provision"  # POST /provision-request for a run about to be sent
 # What _judge says to do after a failure: send again, raise, ask the record whether the run
 # started (send again if not), ask it whose answer it was (raise either way), or fall back.
 _RESEND, _RAISE, _ASK, _CHECK, _CUT = "resend", "raise", "ask", "check", "cut"
@@ -1680,13 +1681,12 @@ class _LogStream:
         try:
             with response:
                 for line in _split_lines(_blocks(response)):
+                    self._check_closed()  # a closed stream yields nothing more
                     entry = parser.feed(line)
                     if entry is not None and position.is_new(entry, parser.event_id):
                         if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
                             self._failures, self._quiet_since = 0, time.monotonic()
                         yield entry
-                    if self._closed.is_set():
-                        raise _Closed
                     if self._drained():
                         return True
         except urllib3.exceptions.ReadTimeoutError:
@@ -1818,16 +1818,19 @@ class _LogFollower:
     def __init__(self, client: Client, request_id: str, on_log: Callable[[LogEntry], Any]) -> None:
         self._stream = _LogStream(client, request_id)
         self._on_log = on_log
+        self._calling = threading.Lock()  # held while on_log runs
         self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
         self._thread.start()
 
-    def finish(self, drain: bool = True) -> None:
-        """Stop following; with ``drain``, first let the stream reach its end (it ends with the run)
-        for LOG_GRACE seconds; without, stop at once."""
-        if drain:
-            self._thread.join(LOG_GRACE)
-        self._stream.close()
-        self._thread.join(LOG_GRACE)
+    def finish(self, drain_until: Optional[float] = None) -> None:
+        """Stop following; with ``drain_until`` (a deadline), first let the stream reach its end (it
+        ends with the run) for LOG_GRACE seconds, but not past it. Once this returns, on_log is
+        not running and is never called again, so that two followers never call it at once."""
+        if drain_until is not None:
+            self._thread.join(max(0.0, min(LOG_GRACE, drain_until - time.monotonic())))
+        self._stream.close()  # the thread's blocked read returns at once, and it ends
+        with self._calling:
+            pass  # a call of on_log under way has ended; the closed stream lets no other begin
 
     def _pump(self) -> None:
         request_id = self._stream.request_id
@@ -1839,12 +1842,15 @@ class _LogFollower:
             except CodewordsError as exc:
                 logger.warning("stopped streaming the logs of %s: %s", request_id, exc)
                 return
-            try:
-                self._on_log(entry)
-            except Exception:
-                logger.exception("on_log raised on a log entry of %s; its logs are no longer streamed", request_id)
-                self._stream.close()
-                return
+            with self._calling:
+                if self._stream._closed.is_set():
+                    return
+                try:
+                    self._on_log(entry)
+                except Exception:
+                    logger.exception("on_log raised on a log entry of %s; its logs are no longer streamed", request_id)
+                    self._stream.close()
+                    return
 
 
 class _LogParser:
@@ -2036,8 +2042,14 @@ def _header_value(event_id: str) -> str:
 
 def _interrupt(response: requests.Response) -> None:
     """Wake a read blocked on a streamed response in another thread: it returns at once, with
-    nothing or an error, and its own thread closes the response."""
-    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    nothing or an error, and its own thread closes the response.
+
+    The socket is found under the body's file (urllib3 1.26 and 2.x alike), not on the
+    connection, which http.client lets go of when the body ends with the connection. Once the
+    body has ended that file is gone, so a connection back in its pool is left alone.
+    """
+    body_file = getattr(getattr(response.raw, "_fp", None), "fp", None)  # http.client's, while the body is read
+    sock = getattr(getattr(body_file, "raw", None), "_sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)  # close() alone does not wake a blocked recv()
