@@ -632,16 +632,18 @@ class Client:
         filename: Optional[str] = None,
         content_type: Optional[str] = None,
         on_progress: Optional[Callable[[int, int], Any]] = None,
+        timeout: Optional[float] = None,
     ) -> str:
         """Upload a file, bytes or a binary file object, and return its download URL.
 
         The bytes are streamed with a Content-Length, never read into memory whole, and go to
         the storage host with no API key. ``on_progress(sent, total)`` is called a few times a
-        second; an exception raised in it stops the upload.
+        second; an exception raised in it stops the upload. ``timeout`` (else the client's)
+        bounds the whole upload, retries included: APITimeoutError once it passes.
         """
+        deadline = self._deadline(timeout)
         with _upload_source(source) as (body, start, size, name):
             filename = _check_filename(filename if filename is not None else name)
-            deadline = self._deadline(None)
             response = self._request("POST", "/file?filename=" + quote(filename, safe=""), deadline=deadline)
             upload_uri, download_uri, signed_headers = _upload_answer(response)
             if signed_headers is not None:
@@ -654,11 +656,12 @@ class Client:
                     "Content-Type": content_type or guessed or "application/octet-stream",
                     "x-amz-acl": "public-read",
                 }
-            self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers)
+            self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers, deadline)
         return download_uri
 
-    def _put(self, url: str, body: _UploadBody, headers: Dict[str, str]) -> None:
-        """PUT the body to the storage host, rewinding and retrying it on 5xx or a dropped connection.
+    def _put(self, url: str, body: _UploadBody, headers: Dict[str, str], deadline: float) -> None:
+        """PUT the body to the storage host, rewinding and retrying it on 5xx or a dropped connection,
+        all of it by the deadline, which the watchdog holds it to.
 
         A session of its own carries none of the API's headers, cookies or credentials.
         """
@@ -671,21 +674,27 @@ class Client:
         with requests.Session() as storage:
             storage.trust_env = False  # no ~/.netrc credentials for someone else's host
             storage.headers = requests.structures.CaseInsensitiveDict({"User-Agent": USER_AGENT})
+            for scheme in ("http://", "https://"):
+                storage.mount(scheme, _WatchedAdapter())
             attempt = 0
             while True:
                 self._check_open()
                 body.rewind()
                 cause: Optional[BaseException] = None
+                timeout = _timeouts(deadline, self.connect_timeout, UPLOAD_READ_TIMEOUT)
+                if timeout is None:
+                    raise APITimeoutError(f"PUT {where}: the deadline passed")
                 try:
-                    response = storage.put(
-                        url,
-                        data=body,
-                        headers=headers,
-                        timeout=(self.connect_timeout, UPLOAD_READ_TIMEOUT),
-                        allow_redirects=False,
-                        proxies=proxies,
-                        verify=verify,
-                    )
+                    with _WATCHDOG.watching(deadline):
+                        response = storage.put(
+                            url,
+                            data=body,
+                            headers=headers,
+                            timeout=timeout,
+                            allow_redirects=False,
+                            proxies=proxies,
+                            verify=verify,
+                        )
                 except requests.RequestException as exc:
                     if body.failure is not None:
                         raise body.failure from None  # from the source or on_progress: the caller's, not the network's
@@ -700,7 +709,7 @@ class Client:
                     retryable = response.status_code >= 500 or response.status_code == 429
                     retry_after = _retry_after(response)
                     wait = _backoff(attempt) if retry_after is None else retry_after
-                if not retryable or attempt == self.max_retries:
+                if not retryable or attempt == self.max_retries or time.monotonic() + wait >= deadline:
                     raise error from cause
                 attempt += 1
                 logger.info(
@@ -977,19 +986,12 @@ class Client:
             return response
         prepared = requests.PreparedRequest()
         prepared.prepare(method=method, url=url, headers=headers, data=body)
-        watch = _WATCHDOG.watch(deadline)
-        try:
+        with _WATCHDOG.watching(deadline):
             response = self._pool.send(
                 prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
             )
             if not stream:
                 _check_complete(response)
-        except requests.RequestException as exc:
-            if watch.fired:
-                raise requests.ReadTimeout(f"the deadline passed before the whole answer came ({exc})") from exc
-            raise
-        finally:
-            _WATCHDOG.release(watch)
         return response
 
     def _status_error(
@@ -1493,6 +1495,15 @@ class _Watchdog:
             watch.connection = connection
         return connection
 
+    def detach(self, connection: Any) -> Any:
+        """Note that this thread's call gives its connection back to its pool: from now on the
+        watchdog does not shut it, as another call may take it (a lock makes the two exclusive)."""
+        watch = getattr(self._current, "watch", None)
+        if watch is not None and watch.connection is connection:
+            with self._changed:
+                watch.connection = None
+        return connection
+
     def release(self, watch: _Watch) -> None:
         self._current.watch = None
         with self._changed:
@@ -1501,6 +1512,20 @@ class _Watchdog:
             if len(self._heap) > 2 * self._live + 64:  # drop the finished calls now and then
                 self._heap = [w for w in self._heap if w.live]
                 heapq.heapify(self._heap)
+
+    @contextlib.contextmanager
+    def watching(self, deadline: float) -> Iterator[None]:
+        """Watch the call made in the block; a failure of it once the deadline has fired is a
+        ReadTimeout."""
+        watch = self.watch(deadline)
+        try:
+            yield
+        except requests.RequestException as exc:
+            if watch.fired:
+                raise requests.ReadTimeout(f"the deadline passed before the whole answer came ({exc})") from exc
+            raise
+        finally:
+            self.release(watch)
 
     def forget_after_fork(self) -> None:
         """The thread does not survive a fork: a child starts afresh."""
@@ -1534,13 +1559,17 @@ if hasattr(os, "register_at_fork"):
 
 
 class _WatchedPool(urllib3.HTTPConnectionPool):
+    """A pool that tells the watchdog which connection a call takes, and when it gives it back."""
+
     def _get_conn(self, timeout: Optional[float] = None) -> Any:
         return _WATCHDOG.attach(super()._get_conn(timeout))
 
+    def _put_conn(self, conn: Any) -> None:
+        super()._put_conn(_WATCHDOG.detach(conn))
 
-class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
-    def _get_conn(self, timeout: Optional[float] = None) -> Any:
-        return _WATCHDOG.attach(super()._get_conn(timeout))
+
+class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
+    pass
 
 
 class _WatchedAdapter(requests.adapters.HTTPAdapter):
@@ -2347,7 +2376,7 @@ def _cli_parser(argparse: Any) -> Any:
 def _cli_run(client: Client, args: Any, status: _Status) -> Any:
     inputs = _cli_inputs(args)
     fallback = {None: _CLIENT_DEFAULT, "off": None}.get(args.fallback, args.fallback)
-    on_log = status.log_printer(args.logs)
+    on_log = _cli_on_log(client, args, status)
     plan = client._plan_run(args.service_id, inputs, args.path, args.timeout, fallback, on_log, None)
     client._claim_id(plan)  # the request id is known now, so that an interrupted wait can be resumed
     status.request_id = plan.request_id
@@ -2364,7 +2393,17 @@ def _cli_result(client: Client, args: Any, status: _Status) -> Any:
     run = client.get_run(args.request_id)
     status.request_id = run.request_id
     with status.showing(status.wait_line()):
-        return run.wait(timeout=args.timeout, on_log=status.log_printer(args.logs))
+        return run.wait(timeout=args.timeout, on_log=_cli_on_log(client, args, status))
+
+
+def _cli_on_log(client: Client, args: Any, status: _Status) -> Optional[Callable[[LogEntry], None]]:
+    """The on_log of a wait: none with a one-time key, whose one request cannot stream logs too
+    (the status line then shows the elapsed time and request id only)."""
+    if not client._one_time_key():
+        return status.log_printer(args.logs)
+    if args.logs:
+        raise _UsageError("--logs streams the run's logs, and a one-time key allows one request")
+    return None
 
 
 def _cli_logs(client: Client, args: Any, status: _Status) -> Any:
