@@ -465,6 +465,8 @@ class Client:
                 plan.follower.finish()
                 plan.follower = None
             url_path = _service_path("run_async", plan.service_id, plan.path)
+            plan.cut_short.append(plan.request_id)
+            plan.request_id = None  # until the rerun's answer names it
             plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit).request_id
             if plan.on_log is not None:
                 plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
@@ -575,7 +577,7 @@ class Client:
                     yield output if ordered else (index, output)
         except KeyboardInterrupt:
             going_on = gate.stop()
-            listed = ", ".join(f"item {i} ({r or 'no request id'})" for i, r in going_on)
+            listed = ", ".join(f"item {i} ({r or 'no request id known'})" for i, r in going_on)
             message = f"map of {service_id} interrupted; runs that go on: {listed or 'none'}; no other run is sent"
             logger.warning(message)
             raise KeyboardInterrupt(message) from None
@@ -588,7 +590,7 @@ class Client:
     def _map_item(self, service_id: str, item: Any, options: Dict[str, Any], index: int, gate: _MapGate) -> Any:
         """One item of a map: a run planned and sent unless the map has stopped."""
         plan = self._plan_run(service_id, item, options["path"], options["timeout"], options["fallback"], None, None)
-        plan.admit = lambda: gate.admit(index, plan.request_id)
+        plan.admit = lambda: gate.admit(index, plan)
         gate.check()
         try:
             return self._run(plan)
@@ -1367,6 +1369,7 @@ class _RunPlan:
         self.on_log = on_log
         self.admit: Optional[Callable[[], None]] = None  # called before each send: map's stop
         self.follower: Optional[_LogFollower] = None  # streaming the logs of the run sent
+        self.cut_short: List[Optional[str]] = []  # the request ids of runs sent before a rerun, which may go on
 
 
 class _CutShort(Exception):
@@ -1384,27 +1387,28 @@ class _MapGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
-        self._sent: Dict[int, Optional[str]] = {}  # item index -> request id, while the run goes on
+        self._sent: Dict[int, _RunPlan] = {}  # item index -> its run, once sent and while it goes on
 
     def check(self) -> None:
         if self._stopped:
             raise CodewordsError("not sent: the map has stopped")
 
-    def admit(self, index: int, request_id: Optional[str]) -> None:
+    def admit(self, index: int, plan: _RunPlan) -> None:
         """Let a run of the map be sent, unless the map has stopped."""
         with self._lock:
             self.check()
-            self._sent[index] = request_id
+            self._sent[index] = plan
 
     def finished(self, index: int) -> None:
         with self._lock:
             self._sent.pop(index, None)
 
     def stop(self) -> List[Tuple[int, Optional[str]]]:
-        """Let no more runs be sent; the runs that were sent and go on, by item index."""
+        """Let no more runs be sent; the runs that were sent and may go on (a rerun's first run
+        too), by item index, with their request ids (None if it is not known)."""
         with self._lock:
             self._stopped = True
-            return sorted(self._sent.items())
+            return [(i, r) for i, plan in sorted(self._sent.items()) for r in [*plan.cut_short, plan.request_id]]
 
 
 def _timeouts(deadline: float, connect: float, read: float) -> Optional[Tuple[float, float]]:
