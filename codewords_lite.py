@@ -1864,6 +1864,7 @@ class _LogFollower:
         self._stream.close()  # the thread's blocked read returns at once, and it ends
         with self._calling:
             pass  # a call of on_log under way has ended; the closed stream lets no other begin
+        self._thread.join(LOG_GRACE)  # at once, but for a stream stuck where close() cannot reach
 
     def _pump(self) -> None:
         request_id = self._stream.request_id
