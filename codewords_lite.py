@@ -1519,8 +1519,8 @@ class _Watchdog:
 
     @contextlib.contextmanager
     def watching(self, deadline: float) -> Iterator[None]:
-        """Watch the call made in the block; a failure of it once the deadline has fired is a
-        ReadTimeout."""
+        """Watch the call made in the block: once the watchdog has shut its socket, the call raises
+        ReadTimeout, even if what it read looks whole (a body that ends with its connection)."""
         watch = self.watch(deadline)
         try:
             yield
@@ -1530,6 +1530,8 @@ class _Watchdog:
             raise
         finally:
             self.release(watch)
+        if watch.fired:
+            raise requests.ReadTimeout("the deadline passed before the whole answer came")
 
     def forget_after_fork(self) -> None:
         """The thread does not survive a fork: a child starts afresh."""
@@ -1548,9 +1550,9 @@ class _Watchdog:
                     self._changed.wait(left)
                     continue
                 watch = heapq.heappop(self._heap)
-                watch.fired = True
-                sock = getattr(watch.connection, "sock", None)
+                sock = getattr(watch.connection, "sock", None) or getattr(watch.connection, "handed_over", None)
                 if sock is not None:
+                    watch.fired = True  # the call's socket is shut: whatever it read since is cut
                     try:
                         sock.shutdown(socket.SHUT_RDWR)  # a blocked recv() returns at once
                     except OSError:
@@ -1562,8 +1564,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WATCHDOG.forget_after_fork)
 
 
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    """A connection whose socket the watchdog can still find once http.client has closed the
+    connection to hand the socket over to an answer whose body ends when the connection does."""
+
+    handed_over: Any = None
+
+    def close(self) -> None:
+        self.handed_over = self.sock
+        super().close()
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
 class _WatchedPool(urllib3.HTTPConnectionPool):
     """A pool that tells the watchdog which connection a call takes, and when it gives it back."""
+
+    ConnectionCls = _WatchedConnection
 
     def _get_conn(self, timeout: Optional[float] = None) -> Any:
         return _WATCHDOG.attach(super()._get_conn(timeout))
@@ -1573,7 +1592,7 @@ class _WatchedPool(urllib3.HTTPConnectionPool):
 
 
 class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
-    pass
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 class _WatchedAdapter(requests.adapters.HTTPAdapter):
