@@ -433,6 +433,8 @@ class Client:
         except KeyboardInterrupt:
             what = f"run of {plan.service_id}"
             message = _interrupted(what, plan.request_id) if sending else f"{what} interrupted before it was sent"
+            for replaced in plan.cut_short:  # a rerun's first run, which may go on too
+                message += f"; the run it reran ({replaced or 'sent without a request id'}) may go on too"
             raise KeyboardInterrupt(message) from None
         finally:
             if plan.follower is not None:

@@ -6,6 +6,7 @@ import pty
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -268,3 +269,13 @@ def test_a_one_time_key_on_a_terminal_sends_one_request_and_follows_no_logs(runt
     refused = cli("run", "echo", "{}", "--logs", key=runtime.issue_one_time_key())
     assert refused.returncode == 2 and "--logs" in refused.stderr and "one-time key" in refused.stderr
     assert len(runtime.calls) == 1
+
+
+def test_a_provision_that_cannot_connect_fails_the_command_at_once(cli):
+    """Review 10 j, on the command line: a refused provision is not retried; exit 1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = cli("run", "echo", "{}", "--debug", base_url=f"http://127.0.0.1:{port}")
+    assert result.returncode == 1 and "the run was not sent" in result.stderr
+    assert "retry" not in result.stderr  # --debug logs each retry

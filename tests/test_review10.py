@@ -231,3 +231,22 @@ def test_a_trickled_answer_that_ends_with_its_connection_keeps_the_deadline(runt
         with pytest.raises(cw.APITimeoutError):
             client.details(runtime.new_record())
     assert time.monotonic() - started < 2.0
+
+
+def test_ctrl_c_in_a_rerun_names_the_first_run_too(runtime):
+    """A sibling of the map's message: run() with fallback="rerun" interrupted while its rerun
+    goes on named only the rerun, not the first run cut short, which may go on too."""
+    runtime.gateway_timeout = 0.2
+
+    def interrupt_once_the_rerun_is_waited_for():
+        deadline = time.monotonic() + 10
+        while not runtime.calls_to("GET", "/result/") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_the_rerun_is_waited_for).start()
+    with cw.Client(runtime.api_key, base_url=runtime.url, fallback="rerun") as client:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.run("sleep", {"seconds": 3})
+    rerun = runtime.calls_to("GET", "/result/")[0]["path"].rsplit("/", 1)[1]
+    assert rerun in str(caught.value) and "the run it reran (sent without a request id)" in str(caught.value)
