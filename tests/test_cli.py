@@ -278,4 +278,4 @@ def test_a_provision_that_cannot_connect_fails_the_command_at_once(cli):
         port = probe.getsockname()[1]
     result = cli("run", "echo", "{}", "--debug", base_url=f"http://127.0.0.1:{port}")
     assert result.returncode == 1 and "the run was not sent" in result.stderr
-    assert "retry" not in result.stderr  # --debug logs each retry
+    assert "; retry 1 of" not in result.stderr  # --debug logs each retry
