@@ -508,7 +508,8 @@ class Client:
         (after the outputs before it), unless ``return_exceptions`` puts it in place of its
         output. Each item is a ``run()`` with its fallback and ``timeout``; ``on_progress(done,
         total)`` is called as runs finish (total is None when ``inputs`` has no length). After
-        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on.
+        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on. Closing
+        the iterator (or dropping it) stops the map too: ``contextlib.closing(client.map(...))``.
         """
         _service_path("run", service_id, path)  # bad names fail here, not in every worker
         if self._one_time_key():
