@@ -920,11 +920,16 @@ class Client:
 
     def _raise_if_started(self, error: APIStatusError, request_id: str, deadline: float) -> None:
         """After an error answer to POST /run with no Error-Origin: raise it as the workflow's
-        (RunFailed) if the run had started, or as it is if that cannot be known; return if not."""
+        (RunFailed) if the run had started, or as it is if that cannot be known or the record
+        shows the run succeeded (the error was the gateway's); return if it had not started."""
         try:
             response = self._request("GET", f"/request/{request_id}", deadline=deadline, request_id=request_id)
             record = _record_in(response, request_id)
         except CodewordsError:
+            raise error from None
+        status = record.get("responseStatus")
+        if isinstance(status, int) and status < 400:
+            error.args = (f"{error}; the run itself succeeded: {_pick_up(request_id)}",)
             raise error from None
         if record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None:
             raise RunFailed(

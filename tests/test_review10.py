@@ -250,3 +250,13 @@ def test_ctrl_c_in_a_rerun_names_the_first_run_too(runtime):
             client.run("sleep", {"seconds": 3})
     rerun = runtime.calls_to("GET", "/result/")[0]["path"].rsplit("/", 1)[1]
     assert rerun in str(caught.value) and "the run it reran (sent without a request id)" in str(caught.value)
+
+
+def test_a_gateway_error_after_a_run_that_succeeded_is_not_run_failed(runtime, client):
+    """e's limit: the record is the truth. A 500 from the gateway after the run answered 200 is not
+    the workflow's: it keeps its class, is not sent again, and says how to pick the output up."""
+    runtime.fault("POST", "/run/", status=503, after_run=True)
+    with pytest.raises(cw.ServerError) as caught:
+        client.run("echo", {"a": 1})
+    assert not isinstance(caught.value, cw.RunFailed) and "client.result(" in str(caught.value)
+    assert runtime.executions["echo"] == 1
