@@ -483,10 +483,12 @@ class Client:
         except KeyboardInterrupt:
             what = f"run of {plan.service_id}"
             message = _interrupted(what, plan.request_id) if sending else f"{what} interrupted before it was sent"
+            for replaced in plan.cut_short:  # a rerun's first run, which may go on too
+                message += f"; the run it reran ({replaced or 'sent without a request id'}) may go on too"
             raise KeyboardInterrupt(message) from None
         finally:
             if plan.follower is not None:
-                plan.follower.finish(drain=ended)
+                plan.follower.finish(plan.deadline if ended else None)
 
     def _run_blocking(self, plan: _RunPlan) -> Any:
         """POST /run, and the plan's fallback if its answer is cut short."""
@@ -515,9 +517,11 @@ class Client:
                 raise cut.error from cut.__cause__
             logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, cut.error)
             if plan.follower is not None:  # only the run whose output is returned streams its logs
-                plan.follower.finish(drain=False)
+                plan.follower.finish()
                 plan.follower = None
             url_path = _service_path("run_async", plan.service_id, plan.path)
+            plan.cut_short.append(plan.request_id)
+            plan.request_id = None  # until the rerun's answer names it
             plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit, plan.headers).request_id
             if plan.on_log is not None:
                 plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
@@ -571,7 +575,8 @@ class Client:
         (after the outputs before it), unless ``return_exceptions`` puts it in place of its
         output. Each item is a ``run()`` with its fallback and ``timeout``; ``on_progress(done,
         total)`` is called as runs finish (total is None when ``inputs`` has no length). After
-        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on.
+        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on. Closing
+        the iterator (or dropping it) stops the map too: ``contextlib.closing(client.map(...))``.
         """
         _service_path("run", service_id, path)  # bad names and headers fail here, not in every worker
         self._run_headers(headers)
@@ -643,7 +648,7 @@ class Client:
                     yield output if ordered else (index, output)
         except KeyboardInterrupt:
             going_on = gate.stop()
-            listed = ", ".join(f"item {i} ({r or 'no request id'})" for i, r in going_on)
+            listed = ", ".join(f"item {i} ({r or 'no request id known'})" for i, r in going_on)
             message = f"map of {service_id} interrupted; runs that go on: {listed or 'none'}; no other run is sent"
             logger.warning(message)
             raise KeyboardInterrupt(message) from None
@@ -657,7 +662,7 @@ class Client:
         """One item of a map: a run planned and sent unless the map has stopped."""
         path, timeout, fallback, headers = options["path"], options["timeout"], options["fallback"], options["headers"]
         plan = self._plan_run(service_id, item, path, timeout, fallback, None, None, "POST", headers)
-        plan.admit = lambda: gate.admit(index, plan.request_id)
+        plan.admit = lambda: gate.admit(index, plan)
         gate.check()
         try:
             return self._run(plan)
@@ -684,9 +689,13 @@ class Client:
         NDJSON and server-sent events are both read; a line or event that is not a JSON object
         comes as ``{"rawText": text}``. A dropped stream is reconnected and resumes where it
         stopped; a silent one is asked about the run, and ends once the run has. Call
-        ``.close()`` on the iterator to stop early.
+        ``.close()`` on the iterator to stop early. Refused with a one-time key: following a
+        stream to its end may take more than one request.
         """
-        return LogStream(self, _check_name("request id", request_id))
+        request_id = _check_name("request id", request_id)
+        if self._one_time_key():
+            raise ConfigurationError(_ONE_REQUEST.format("logs() may reconnect and ask whether the run has ended"))
+        return LogStream(self, request_id)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -697,16 +706,18 @@ class Client:
         filename: Optional[str] = None,
         content_type: Optional[str] = None,
         on_progress: Optional[Callable[[int, int], Any]] = None,
+        timeout: Optional[float] = None,
     ) -> str:
         """Upload a file, bytes or a binary file object, and return its download URL.
 
         The bytes are streamed with a Content-Length, never read into memory whole, and go to
         the storage host with no API key. ``on_progress(sent, total)`` is called a few times a
-        second; an exception raised in it stops the upload.
+        second; an exception raised in it stops the upload. ``timeout`` (else the client's)
+        bounds the whole upload, retries included: APITimeoutError once it passes.
         """
+        deadline = self._deadline(timeout)
         with _upload_source(source) as (body, start, size, name):
             filename = _check_filename(filename if filename is not None else name)
-            deadline = self._deadline(None)
             response = self._request("POST", "/file?filename=" + quote(filename, safe=""), deadline=deadline)
             upload_uri, download_uri, signed_headers = _upload_answer(response)
             if signed_headers is not None:
@@ -719,11 +730,12 @@ class Client:
                     "Content-Type": content_type or guessed or "application/octet-stream",
                     "x-amz-acl": "public-read",
                 }
-            self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers)
+            self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers, deadline)
         return download_uri
 
-    def _put(self, url: str, body: _UploadBody, headers: Dict[str, str]) -> None:
-        """PUT the body to the storage host, rewinding and retrying it on 5xx or a dropped connection.
+    def _put(self, url: str, body: _UploadBody, headers: Dict[str, str], deadline: float) -> None:
+        """PUT the body to the storage host, rewinding and retrying it on 5xx or a dropped connection,
+        all of it by the deadline, which the watchdog holds it to.
 
         A session of its own carries none of the API's headers, cookies or credentials.
         """
@@ -736,20 +748,26 @@ class Client:
         with requests.Session() as storage:
             storage.trust_env = False  # no ~/.netrc credentials for someone else's host
             storage.headers = requests.structures.CaseInsensitiveDict({"User-Agent": USER_AGENT})
+            for scheme in ("http://", "https://"):
+                storage.mount(scheme, _WatchedAdapter())
             attempt = 0
             while True:
                 self._check_open()
                 body.rewind()
+                timeout = _timeouts(deadline, self.connect_timeout, UPLOAD_READ_TIMEOUT)
+                if timeout is None:
+                    raise APITimeoutError(f"PUT {where}: the deadline passed")
                 try:
-                    response = storage.put(
-                        url,
-                        data=body,
-                        headers=headers,
-                        timeout=(self.connect_timeout, UPLOAD_READ_TIMEOUT),
-                        allow_redirects=False,
-                        proxies=proxies,
-                        verify=verify,
-                    )
+                    with _WATCHDOG.watching(deadline):
+                        response = storage.put(
+                            url,
+                            data=body,
+                            headers=headers,
+                            timeout=timeout,
+                            allow_redirects=False,
+                            proxies=proxies,
+                            verify=verify,
+                        )
                 except _SourceFailed as exc:
                     raise exc.error from None  # the caller's, not the network's: no retry
                 except requests.RequestException as exc:
@@ -763,7 +781,7 @@ class Client:
                     retryable = response.status_code >= 500 or response.status_code == 429
                     retry_after = _retry_after(response)
                     wait = _backoff(attempt) if retry_after is None else retry_after
-                if not retryable or attempt == self.max_retries:
+                if not retryable or attempt == self.max_retries or time.monotonic() + wait >= deadline:
                     raise error from error.__cause__  # chosen by _connection_error
                 attempt += 1
                 logger.info(
@@ -779,7 +797,7 @@ class Client:
         Any other failure is raised: a run sent without an id would meet the same network.
         """
         try:
-            return _request_id_in(self._request("POST", "/provision-request", deadline=deadline))
+            return _request_id_in(self._request("POST", "/provision-request", deadline=deadline, kind=_PROVISION))
         except AuthenticationError as exc:
             raise AuthenticationError(
                 f"the API key was refused ({exc.status_code}): {_describe(exc.detail)}",
@@ -813,7 +831,7 @@ class Client:
             raise KeyboardInterrupt(_interrupted("wait", request_id)) from None
         finally:
             if follower is not None:
-                follower.finish(drain=not interrupted)
+                follower.finish(None if interrupted else deadline)
 
     def _poll_for_record(self, request_id: str, deadline: float) -> Dict[str, Any]:
         backoff = POLL_BACKOFF[0]
@@ -868,13 +886,15 @@ class Client:
         """Send one API call, send it again while that is safe, and return a 2xx or ``not_yet`` answer.
 
         ``kind`` is _RUN for POST /run and _START for POST /run_async, the calls that start a
-        workflow (see ``_judge``). ``admit`` is called before each send of one, and may refuse it.
-        ``retry=False`` sends it once, for a caller that retries in its own way.
+        workflow, and _PROVISION for a run's provision (see ``_judge``). ``admit`` is called before
+        each send of one, and may refuse it. ``retry=False`` sends it once, for a caller that
+        retries in its own way.
         """
         all_headers = self._headers()
         if headers:
             all_headers.update(headers)
-        retries = 0 if not retry or self._one_time_key() else self.max_retries
+        one_time = self._one_time_key()  # one request: no retry, and no question afterwards
+        retries = 0 if not retry or one_time else self.max_retries
         starts_a_run = kind in (_RUN, _START)  # the calls a limit on concurrent executions counts
         attempt = 0
         while True:
@@ -896,7 +916,7 @@ class Client:
                     outcome = exc
                 error, then, wait = self._judge(method, url_path, outcome, kind, request_id, not_yet, attempt)
                 answered = error is None
-                if then in (_ASK, _CHECK) and request_id is not None and isinstance(error, APIStatusError):
+                if then in (_ASK, _CHECK) and request_id and not one_time and isinstance(error, APIStatusError):
                     self._raise_if_started(error, request_id, deadline)  # asked before the pause below
                 if isinstance(error, RateLimitError):
                     self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
@@ -907,7 +927,7 @@ class Client:
             cause = error.__cause__  # the failure of requests, unless it carries the key (_connection_error)
             if then == _CUT:
                 raise _CutShort(error) from cause
-            if then in (_RAISE, _CHECK) or (then == _ASK and request_id is None):
+            if then in (_RAISE, _CHECK) or (then == _ASK and (request_id is None or one_time)):
                 raise error from cause  # a run that may have started, or that cannot be told apart
             if attempt == retries or time.monotonic() + wait >= deadline:
                 raise error from cause
@@ -928,16 +948,21 @@ class Client:
     ) -> Tuple[Optional[CodewordsError], str, float]:
         """What an answer or a failure means: (the error or None, what to do next, seconds to wait).
 
-        Any call may be sent again if it never left. A call that starts no run may be sent again
-        after any failure that may pass. POST /run_async answers before its run starts, so its
-        429 and 503 may be sent again. POST /run may be sent again only when its run is known
-        not to have started: a 429 or 503 not marked as the workflow's is _ASK (the record
-        says whether it started), other 4xx are _CHECK (the record says whose answer it was),
-        and a 504 from the gateway or a read timeout is _CUT (it was sent; it may go on).
+        Any call may be sent again if it never left, but a run's provision (_PROVISION): a host
+        that cannot be reached would not take the run either. A call that starts no run may be
+        sent again after any failure that may pass. POST /run_async answers before its run
+        starts, so its 429 and 503 may be sent again. POST /run may be sent again only when its
+        run is known not to have started: a 429 or 503 not marked as the workflow's is _ASK (the
+        record says whether it started), any other error answer is _CHECK (the record says whose
+        answer it was), and a 504 from the gateway or a read timeout is _CUT (it was sent; it
+        may go on).
         """
+        starts_a_run = kind in (_RUN, _START)
         if isinstance(outcome, requests.RequestException):
             error: CodewordsError = _connection_error(method, url_path, outcome, request_id, self._key())
-            if _nothing_sent(outcome) or (not kind and _is_transport_failure(outcome)):
+            if _nothing_sent(outcome):
+                return error, _RAISE if kind == _PROVISION else _RESEND, _backoff(attempt)
+            if not starts_a_run and _is_transport_failure(outcome):
                 return error, _RESEND, _backoff(attempt)
             if kind == _RUN and isinstance(outcome, requests.ReadTimeout):
                 return error, _CUT, 0.0
@@ -954,19 +979,24 @@ class Client:
             return error, _CUT, 0.0
         if status in (429, 503):
             return error, _ASK if kind == _RUN else _RESEND, wait
-        if kind == _RUN and status < 500 and status not in (401, 403):
+        if kind == _RUN:
             return error, _CHECK, 0.0
-        if not kind and status in (500, 502, 504):
+        if not starts_a_run and status in (500, 502, 504):
             return error, _RESEND, wait
         return error, _RAISE, 0.0
 
     def _raise_if_started(self, error: APIStatusError, request_id: str, deadline: float) -> None:
         """After an error answer to POST /run with no Error-Origin: raise it as the workflow's
-        (RunFailed) if the run had started, or as it is if that cannot be known; return if not."""
+        (RunFailed) if the run had started, or as it is if that cannot be known or the record
+        shows the run succeeded (the error was the gateway's); return if it had not started."""
         try:
             response = self._request("GET", f"/request/{request_id}", deadline=deadline, request_id=request_id)
             record = _record_in(response, request_id)
         except CodewordsError:
+            raise error from None
+        status = record.get("responseStatus")
+        if isinstance(status, int) and status < 400:
+            error.args = (f"{error}; the run itself succeeded: {_pick_up(request_id)}",)
             raise error from None
         if record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None:
             raise RunFailed(
@@ -1062,19 +1092,12 @@ class Client:
             return response
         prepared = requests.PreparedRequest()
         prepared.prepare(method=method, url=url, headers=headers, data=body)
-        watch = _WATCHDOG.watch(deadline)
-        try:
+        with _WATCHDOG.watching(deadline):
             response = self._connections().send(
                 prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
             )
             if not stream:
                 _check_complete(response)
-        except requests.RequestException as exc:
-            if watch.fired:
-                raise requests.ReadTimeout(f"the deadline passed before the whole answer came ({exc})") from exc
-            raise
-        finally:
-            _WATCHDOG.release(watch)
         return response
 
     def _status_error(
@@ -1445,11 +1468,15 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
     return output
 
 
-def _nothing_sent(exc: BaseException) -> bool:
-    """Whether a failure happened before the request left: a refused or timed-out connect."""
-    return isinstance(exc, requests.ConnectTimeout) or any(
-        isinstance(error, (ConnectionRefusedError, socket.gaierror)) for error in _causes(exc)
-    )
+def _nothing_sent(exc: requests.RequestException) -> bool:
+    """Whether a failure happened before the request left: no connection could be made (refused,
+    timed out, or its host name not resolved). Told by what the failure is, as requests and urllib3
+    build it, never by the exceptions that were being handled when it was raised."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    failure = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else None
+    reason = getattr(failure, "reason", failure)  # urllib3's MaxRetryError wraps it
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)  # NameResolutionError is one too
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -1598,6 +1625,7 @@ def _without_query(url: str) -> str:
 # -- runs ----------------------------------------------------------------------------------------
 
 _RUN, _START = "run", "start"  # the kinds of call that start a workflow: POST /run, POST /run_async
+_PROVISION = "provision"  # POST /provision-request for a run about to be sent
 # What _judge says to do after a failure: send again, raise, ask the record whether the run
 # started (send again if not), ask it whose answer it was (raise either way), or fall back.
 _RESEND, _RAISE, _ASK, _CHECK, _CUT = "resend", "raise", "ask", "check", "cut"
@@ -1628,6 +1656,7 @@ class _RunPlan:
         self.method = "POST"
         self.headers: Dict[str, str] = {}  # the run's own: the client's and the call's
         self.follower: Optional[_LogFollower] = None  # streaming the logs of the run sent
+        self.cut_short: List[Optional[str]] = []  # the request ids of runs sent before a rerun, which may go on
 
 
 class _CutShort(Exception):
@@ -1645,27 +1674,28 @@ class _MapGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
-        self._sent: Dict[int, Optional[str]] = {}  # item index -> request id, while the run goes on
+        self._sent: Dict[int, _RunPlan] = {}  # item index -> its run, once sent and while it goes on
 
     def check(self) -> None:
         if self._stopped:
             raise CodewordsError("not sent: the map has stopped")
 
-    def admit(self, index: int, request_id: Optional[str]) -> None:
+    def admit(self, index: int, plan: _RunPlan) -> None:
         """Let a run of the map be sent, unless the map has stopped."""
         with self._lock:
             self.check()
-            self._sent[index] = request_id
+            self._sent[index] = plan
 
     def finished(self, index: int) -> None:
         with self._lock:
             self._sent.pop(index, None)
 
     def stop(self) -> List[Tuple[int, Optional[str]]]:
-        """Let no more runs be sent; the runs that were sent and go on, by item index."""
+        """Let no more runs be sent; the runs that were sent and may go on (a rerun's first run
+        too), by item index, with their request ids (None if it is not known)."""
         with self._lock:
             self._stopped = True
-            return sorted(self._sent.items())
+            return [(i, r) for i, plan in sorted(self._sent.items()) for r in [*plan.cut_short, plan.request_id]]
 
 
 def _timeouts(deadline: float, connect: float, read: float) -> Optional[Tuple[float, float]]:
@@ -1756,6 +1786,15 @@ class _Watchdog:
             watch.connection = connection
         return connection
 
+    def detach(self, connection: Any) -> Any:
+        """Note that this thread's call gives its connection back to its pool: from now on the
+        watchdog does not shut it, as another call may take it (a lock makes the two exclusive)."""
+        watch = getattr(self._current, "watch", None)
+        if watch is not None and watch.connection is connection:
+            with self._changed:
+                watch.connection = None
+        return connection
+
     def release(self, watch: _Watch) -> None:
         self._current.watch = None
         with self._changed:
@@ -1764,6 +1803,22 @@ class _Watchdog:
             if len(self._heap) > 2 * self._live + 64:  # drop the finished calls now and then
                 self._heap = [w for w in self._heap if w.live]
                 heapq.heapify(self._heap)
+
+    @contextlib.contextmanager
+    def watching(self, deadline: float) -> Iterator[None]:
+        """Watch the call made in the block: once the watchdog has shut its socket, the call raises
+        ReadTimeout, even if what it read looks whole (a body that ends with its connection)."""
+        watch = self.watch(deadline)
+        try:
+            yield
+        except requests.RequestException as exc:
+            if watch.fired:
+                raise requests.ReadTimeout(f"the deadline passed before the whole answer came ({exc})") from exc
+            raise
+        finally:
+            self.release(watch)
+        if watch.fired:
+            raise requests.ReadTimeout("the deadline passed before the whole answer came")
 
     def forget_after_fork(self) -> None:
         """The thread does not survive a fork: a child starts afresh."""
@@ -1782,9 +1837,9 @@ class _Watchdog:
                     self._changed.wait(left)
                     continue
                 watch = heapq.heappop(self._heap)
-                watch.fired = True
-                sock = getattr(watch.connection, "sock", None)
+                sock = getattr(watch.connection, "sock", None) or getattr(watch.connection, "handed_over", None)
                 if sock is not None:
+                    watch.fired = True  # the call's socket is shut: whatever it read since is cut
                     try:
                         sock.shutdown(socket.SHUT_RDWR)  # a blocked recv() returns at once
                     except OSError:
@@ -1796,14 +1851,35 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WATCHDOG.forget_after_fork)
 
 
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    """A connection whose socket the watchdog can still find once http.client has closed the
+    connection to hand the socket over to an answer whose body ends when the connection does."""
+
+    handed_over: Any = None
+
+    def close(self) -> None:
+        self.handed_over = self.sock
+        super().close()
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
 class _WatchedPool(urllib3.HTTPConnectionPool):
+    """A pool that tells the watchdog which connection a call takes, and when it gives it back."""
+
+    ConnectionCls = _WatchedConnection
+
     def _get_conn(self, timeout: Optional[float] = None) -> Any:
         return _WATCHDOG.attach(super()._get_conn(timeout))
 
+    def _put_conn(self, conn: Any) -> None:
+        super()._put_conn(_WATCHDOG.detach(conn))
 
-class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
-    def _get_conn(self, timeout: Optional[float] = None) -> Any:
-        return _WATCHDOG.attach(super()._get_conn(timeout))
+
+class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 class _WatchedAdapter(requests.adapters.HTTPAdapter):
@@ -1950,13 +2026,12 @@ class LogStream:
         try:
             with response:
                 for line in _split_lines(_blocks(response)):
+                    self._check_closed()  # a closed stream yields nothing more
                     entry = parser.feed(line)
                     if entry is not None and position.is_new(entry, parser.event_id):
                         if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
                             self._failures, self._quiet_since = 0, time.monotonic()
                         yield entry
-                    if self._closed.is_set():
-                        raise _Closed
                     if self._drained():
                         return True
         except urllib3.exceptions.ReadTimeoutError:
@@ -2090,16 +2165,20 @@ class _LogFollower:
         self._client = client
         self._stream = LogStream(client, request_id)
         self._on_log = on_log
+        self._calling = threading.Lock()  # held while on_log runs
         self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
         self._thread.start()
 
-    def finish(self, drain: bool = True) -> None:
-        """Stop following; with ``drain``, first let the stream reach its end (it ends with the run)
-        for LOG_GRACE seconds; without, stop at once."""
-        if drain:
-            self._thread.join(LOG_GRACE)
-        self._stream.close()
-        self._thread.join(LOG_GRACE)
+    def finish(self, drain_until: Optional[float] = None) -> None:
+        """Stop following; with ``drain_until`` (a deadline), first let the stream reach its end (it
+        ends with the run) for LOG_GRACE seconds, but not past it. Once this returns, on_log is
+        not running and is never called again, so that two followers never call it at once."""
+        if drain_until is not None:
+            self._thread.join(max(0.0, min(LOG_GRACE, drain_until - time.monotonic())))
+        self._stream.close()  # the thread's blocked read returns at once, and it ends
+        with self._calling:
+            pass  # a call of on_log under way has ended; the closed stream lets no other begin
+        self._thread.join(LOG_GRACE)  # at once, but for a stream stuck where close() cannot reach
 
     def _pump(self) -> None:
         request_id = self._stream.request_id
@@ -2116,12 +2195,15 @@ class _LogFollower:
                     raise
                 logger.debug("stopped streaming the logs of %s: the client was closed", request_id)
                 return
-            try:
-                self._on_log(entry)
-            except Exception:
-                logger.exception("on_log raised on a log entry of %s; its logs are no longer streamed", request_id)
-                self._stream.close()
-                return
+            with self._calling:
+                if self._stream._closed.is_set():
+                    return
+                try:
+                    self._on_log(entry)
+                except Exception:
+                    logger.exception("on_log raised on a log entry of %s; its logs are no longer streamed", request_id)
+                    self._stream.close()
+                    return
 
 
 class _LogParser:
@@ -2313,8 +2395,14 @@ def _header_value(event_id: str) -> str:
 
 def _interrupt(response: requests.Response) -> None:
     """Wake a read blocked on a streamed response in another thread: it returns at once, with
-    nothing or an error, and its own thread closes the response."""
-    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    nothing or an error, and its own thread closes the response.
+
+    The socket is found under the body's file (urllib3 1.26 and 2.x alike), not on the
+    connection, which http.client lets go of when the body ends with the connection. Once the
+    body has ended that file is gone, so a connection back in its pool is left alone.
+    """
+    body_file = getattr(getattr(response.raw, "_fp", None), "fp", None)  # http.client's, while the body is read
+    sock = getattr(getattr(body_file, "raw", None), "_sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)  # close() alone does not wake a blocked recv()
@@ -2663,7 +2751,7 @@ def _cli_parser(argparse: Any) -> Any:
 def _cli_run(client: Client, args: Any, status: _Status) -> Any:
     inputs = _cli_inputs(args)
     fallback = {None: _CLIENT_DEFAULT, "off": None}.get(args.fallback, args.fallback)
-    on_log = status.log_printer(args.logs)
+    on_log = _cli_on_log(client, args, status)
     plan = client._plan_run(args.service_id, inputs, args.path, args.timeout, fallback, on_log, None)
     client._claim_id(plan)  # the request id is known now, so that an interrupted wait can be resumed
     status.request_id = plan.request_id
@@ -2680,7 +2768,17 @@ def _cli_result(client: Client, args: Any, status: _Status) -> Any:
     run = client.get_run(args.request_id)
     status.request_id = run.request_id
     with status.showing(status.wait_line()):
-        return run.wait(timeout=args.timeout, on_log=status.log_printer(args.logs))
+        return run.wait(timeout=args.timeout, on_log=_cli_on_log(client, args, status))
+
+
+def _cli_on_log(client: Client, args: Any, status: _Status) -> Optional[Callable[[LogEntry], None]]:
+    """The on_log of a wait: none with a one-time key, whose one request cannot stream logs too
+    (the status line then shows the elapsed time and request id only)."""
+    if not client._one_time_key():
+        return status.log_printer(args.logs)
+    if args.logs:
+        raise _UsageError("--logs streams the run's logs, and a one-time key allows one request")
+    return None
 
 
 def _cli_logs(client: Client, args: Any, status: _Status) -> Any:

@@ -241,7 +241,8 @@ class Client:
         (after the outputs before it), unless ``return_exceptions`` puts it in place of its
         output. Each item is a ``run()`` with its fallback and ``timeout``; ``on_progress(done,
         total)`` is called as runs finish (total is None when ``inputs`` has no length). After
-        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on.
+        Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on. Closing
+        the iterator (or dropping it) stops the map too: ``contextlib.closing(client.map(...))``.
         """
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""
@@ -255,7 +256,8 @@ class Client:
         NDJSON and server-sent events are both read; a line or event that is not a JSON object
         comes as ``{"rawText": text}``. A dropped stream is reconnected and resumes where it
         stopped; a silent one is asked about the run, and ends once the run has. Call
-        ``.close()`` on the iterator to stop early.
+        ``.close()`` on the iterator to stop early. Refused with a one-time key: following a
+        stream to its end may take more than one request.
         """
     def upload(
         self,
@@ -264,12 +266,14 @@ class Client:
         filename: str | None = None,
         content_type: str | None = None,
         on_progress: Callable[[int, int], Any] | None = None,
+        timeout: float | None = None,
     ) -> str:
         """Upload a file, bytes or a binary file object, and return its download URL.
 
         The bytes are streamed with a Content-Length, never read into memory whole, and go to
         the storage host with no API key. ``on_progress(sent, total)`` is called a few times a
-        second; an exception raised in it stops the upload.
+        second; an exception raised in it stops the upload. ``timeout`` (else the client's)
+        bounds the whole upload, retries included: APITimeoutError once it passes.
         """
 
 class LogStream:

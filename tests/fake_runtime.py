@@ -149,7 +149,9 @@ class Fault:
         cut_after: Optional[int] = None,
         trickle: float = 0.0,
         trickle_headers: bool = False,
+        no_length: bool = False,
     ) -> None:
+        self.no_length = no_length  # a trickled answer with no Content-Length: it ends when the connection closes
         self.trickle = trickle  # seconds between the bytes of the answer (its body, or all of it)
         self.trickle_headers = trickle_headers
         self.method, self.path, self.times = method, path, times
@@ -445,10 +447,8 @@ class _Handler(BaseHTTPRequestHandler):
     def trickle(self, fault: Fault) -> None:
         """Answer a byte at a time, ``fault.trickle`` seconds apart: the headers too, if asked."""
         body = fault.body if fault.body is not None else json.dumps({"detail": "trickled"}).encode()
-        head = (
-            f"HTTP/1.1 {fault.status or 200} OK\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
+        length = "Connection: close\r\n" if fault.no_length else f"Content-Length: {len(body)}\r\n"
+        head = f"HTTP/1.1 {fault.status or 200} OK\r\nContent-Type: application/json\r\n{length}\r\n".encode()
         if not fault.trickle_headers:
             self.wfile.write(head)
             head = b""

@@ -6,6 +6,7 @@ import pty
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -193,10 +194,10 @@ def test_the_console_script():
 # -- on a terminal -----------------------------------------------------------------------------
 
 
-def run_on_a_terminal(runtime, *args, interrupt_after=None):
+def run_on_a_terminal(runtime, *args, interrupt_after=None, key=None):
     """Runs the command with its standard error on a pseudo-terminal; returns (code, stdout, stderr)."""
     master, slave = pty.openpty()
-    env = dict(os.environ, CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url, COLUMNS="120")
+    env = dict(os.environ, CODEWORDS_API_KEY=key or runtime.api_key, CODEWORDS_BASE_URL=runtime.url, COLUMNS="120")
     process = subprocess.Popen(
         [sys.executable, "-m", "codewords_lite", *args],
         cwd=ROOT,
@@ -257,3 +258,24 @@ def test_ctrl_c_prints_the_request_id_to_resume_with(runtime):
     request_id = stderr.split("codewords-lite result ")[-1].strip()
     assert request_id == runtime.calls_to("POST", "/run/")[0]["headers"]["X-Provisioned-Request-Id"]
     assert cw.Client(runtime.api_key, base_url=runtime.url).result(request_id) == {"slept": 2}
+
+
+def test_a_one_time_key_on_a_terminal_sends_one_request_and_follows_no_logs(runtime, cli):
+    """Review 10 d: the status line on a terminal added an on_log, so `run`/`result` with a
+    one-time key exited 2 there. Now it shows time and id only; --logs is a usage error."""
+    code, stdout, _ = run_on_a_terminal(runtime, "run", "echo", '{"n": 1}', key=runtime.issue_one_time_key())
+    assert code == 0 and json.loads(stdout) == {"n": 1}
+    assert [c["path"] for c in runtime.calls] == ["/run/echo"]
+    refused = cli("run", "echo", "{}", "--logs", key=runtime.issue_one_time_key())
+    assert refused.returncode == 2 and "--logs" in refused.stderr and "one-time key" in refused.stderr
+    assert len(runtime.calls) == 1
+
+
+def test_a_provision_that_cannot_connect_fails_the_command_at_once(cli):
+    """Review 10 j, on the command line: a refused provision is not retried; exit 1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = cli("run", "echo", "{}", "--debug", base_url=f"http://127.0.0.1:{port}")
+    assert result.returncode == 1 and "the run was not sent" in result.stderr
+    assert "; retry 1 of" not in result.stderr  # --debug logs each retry

@@ -562,14 +562,14 @@ def test_other_line_ends_and_a_byte_order_mark(line_end, ndjson):
 
 
 def test_finish_without_drain_stops_at_once(runtime, client):
-    """finish(drain=False), for Ctrl-C: no grace period, the thread is gone at once."""
+    """finish() without a drain, for Ctrl-C: no grace period, the thread is gone at once."""
     runtime.logs_never_end = True
     seen = []
     run = client.start("talk", {"lines": 2})
     follower = cw._LogFollower(client, run.request_id, seen.append)
     run.wait()
     started = time.monotonic()
-    follower.finish(drain=False)
+    follower.finish()
     assert time.monotonic() - started < cw.LOG_GRACE
     assert not follower._thread.is_alive()
 
