@@ -366,6 +366,8 @@ class Client:
         """Close the connections this client opened (not those of a session it was given); any
         later call raises RuntimeError, and so does a logs() iterator already streaming."""
         self._closed = True
+        if self._pool_pid != os.getpid():
+            return  # a child after fork(): what is open is the parent's (its streams' sockets too)
         with self._streams_lock:
             streams = list(self._streams)
         for stream in streams:
@@ -381,6 +383,7 @@ class Client:
         the parent's sockets would mix the two processes' answers (the child's copies are dropped)."""
         if self._pool_pid != os.getpid():
             self._pool, self._pool_pid = _WatchedAdapter(pool_maxsize=POOL_SIZE), os.getpid()
+            self._streams = weakref.WeakSet()  # the parent's: closing them would cut its sockets
         return self._pool
 
     # -- running workflows ------------------------------------------------------------------
@@ -994,8 +997,8 @@ class Client:
             record = _record_in(response, request_id)
         except CodewordsError:
             raise error from None
-        status = record.get("responseStatus")
-        if isinstance(status, int) and status < 400:
+        status = _response_status(record)
+        if status is not None and status < 400:
             error.args = (f"{error}; the run itself succeeded: {_pick_up(request_id)}",)
             raise error from None
         if record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None:
@@ -1046,9 +1049,10 @@ class Client:
         deadline: float,
     ) -> requests.Response:
         """An API call's exchange, following at most MAX_REDIRECTS redirects that stay on the
-        API's scheme, host and port (see _redirect_target): the answer to the last one."""
+        API's scheme, host and port (see _redirect_target), and none with a one-time key: the
+        answer to the last one."""
         url = self.base_url + url_path
-        for _ in range(MAX_REDIRECTS):
+        for _ in range(0 if self._one_time_key() else MAX_REDIRECTS):  # a one-time key is spent by one
             response = self._exchange(method, url, body, headers, timeout, stream, deadline)
             target, _why = _redirect_target(self.base_url, method, response)
             if target is None:
@@ -1111,8 +1115,10 @@ class Client:
         message = f"{status} {reason} from {method} {_strip_query(url_path)}".replace("  ", " ")
         if 300 <= status < 400:
             location = _without_key(response.headers.get("Location"), response)
-            why = (
-                _redirect_target(self.base_url, method, response)[1] or f"more than {MAX_REDIRECTS} redirects in a row"
+            why = _redirect_target(self.base_url, method, response)[1] or (
+                "a one-time key is spent by the first request"
+                if self._one_time_key()
+                else f"more than {MAX_REDIRECTS} redirects in a row"
             )
             message += f": redirected to {location!r}, which is not followed: {why}"
         elif detail not in (None, ""):
@@ -1451,13 +1457,11 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
             body=record,
             request_id=request_id,
         )
-    status = record.get("responseStatus")
-    if isinstance(status, str) and status.isdigit():
-        status = int(status)
+    status = _response_status(record)
     output = record.get("responseJson")
     if output is None and isinstance(record.get("responseContent"), str):
         output = _decode(record["responseContent"])
-    if isinstance(status, int) and not isinstance(status, bool) and status >= 300:
+    if status is not None and status >= 300:
         detail = output.get("detail", output) if isinstance(output, dict) else output
         message = f"run {request_id} failed with status {status}"
         if status < 400:
@@ -1466,6 +1470,14 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
             message += ": " + _describe(detail)
         raise RunFailed(message, status_code=status, detail=detail, body=output, request_id=request_id, record=record)
     return output
+
+
+def _response_status(record: Dict[str, Any]) -> Optional[int]:
+    """The workflow's own HTTP status in a record, which may come as a number or as digits."""
+    status = record.get("responseStatus")
+    if isinstance(status, str) and status.isdigit():
+        return int(status)
+    return status if isinstance(status, int) and not isinstance(status, bool) else None
 
 
 def _nothing_sent(exc: requests.RequestException) -> bool:
@@ -1976,6 +1988,7 @@ class LogStream:
         self._started = time.monotonic()
         self._quiet_since = self._started  # when the last entry with a createdAt came, on any connection
         self._failures = 0  # failed connections in a row, with no entry with a createdAt between them
+        self._closes = 0  # clean closes in a row while the run goes on, with nothing new between them
         self._retry: Optional[float] = None  # the server's SSE "retry:", which replaces the backoff
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
         self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
@@ -2030,7 +2043,7 @@ class LogStream:
                     entry = parser.feed(line)
                     if entry is not None and position.is_new(entry, parser.event_id):
                         if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
-                            self._failures, self._quiet_since = 0, time.monotonic()
+                            self._failures, self._closes, self._quiet_since = 0, 0, time.monotonic()
                         yield entry
                     if self._drained():
                         return True
@@ -2043,7 +2056,11 @@ class LogStream:
         self._check_closed()
         if self._run_has_ended():
             return True  # the server ended the stream with the run
-        raise APIConnectionError("the server closed the log stream while the run goes on", request_id=self.request_id)
+        # Closed while the run goes on: a server may answer with what it has, and close. That is
+        # no failure; ask again after a pause that grows while the closes bring nothing new.
+        self._closes += 1
+        self._sleep(self._backoff(self._closes))
+        return False
 
     def _open(self, position: _LogPosition) -> Optional[requests.Response]:
         """GET /logs from where delivery stands; None after waiting out a 404 while the run goes on."""
@@ -2113,11 +2130,16 @@ class LogStream:
                 f"the log stream of {self.request_id} failed {self._failures} times in a row: {text}",
                 request_id=self.request_id,
             ) from cause
-        wait = min(LOG_BACKOFF[0] * 2 ** (self._failures - 1), LOG_BACKOFF[1]) if self._retry is None else self._retry
+        wait = self._backoff(self._failures)
         retry_after = getattr(exc, "retry_after", None)
         wait = wait if retry_after is None else max(wait, retry_after)
         logger.info("log stream of %s failed (%s); reconnecting in %.1f s", self.request_id, text, wait)
         self._sleep(wait)
+
+    def _backoff(self, times: int) -> float:
+        """The pause before reconnecting after ``times`` fruitless tries: the server's SSE
+        ``retry:``, else one that doubles from LOG_BACKOFF[0] to LOG_BACKOFF[1]."""
+        return min(LOG_BACKOFF[0] * 2 ** (times - 1), LOG_BACKOFF[1]) if self._retry is None else self._retry
 
     def _unless_closed(self, call: Callable[[], _T]) -> _T:
         """call() on a thread of its own, so that close() need not wait while it connects or waits

@@ -474,3 +474,25 @@ def test_a_redirect_to_another_port_of_loopback_never_reaches_it(runtime, client
             client.run("echo")
         assert elsewhere.calls == []
     assert runtime.executions["echo"] == 0
+
+
+# -- found by a second review ------------------------------------------------------------------
+
+
+def test_a_one_time_key_follows_no_redirect(api):
+    """Regression: a same-origin 307 was followed with the spent one-time key: two requests."""
+    api.post(f"{BASE}/run/svc", status=307, headers={"Location": f"{BASE}/run/svc/"})
+    with cw.Client("cwotk-once", base_url=BASE) as client, pytest.raises(cw.APIStatusError) as caught:
+        client.run("svc")
+    assert len(api.calls) == 1 and "one-time key" in str(caught.value)
+
+
+def test_a_run_that_succeeded_by_a_status_in_digits_is_not_run_failed(api):
+    """Regression: after a gateway's 502, a record with "responseStatus": "200" (digits, which
+    result() reads as success) made run() raise RunFailed, the workflow's failure."""
+    api.post(f"{BASE}/provision-request", json={"request_id": "req_1"})
+    api.post(f"{BASE}/run/svc", status=502, json={"detail": "bad gateway"})
+    api.get(f"{BASE}/request/req_1", json={"id": "req_1", "startedAt": "x", "responseStatus": "200"})
+    with cw.Client(KEY, base_url=BASE) as client, pytest.raises(cw.ServerError) as caught:
+        client.run("svc")
+    assert not isinstance(caught.value, cw.RunFailed) and "client.result(" in str(caught.value)

@@ -233,3 +233,24 @@ def test_a_forked_child_uses_connections_of_its_own(runtime):
         os._exit(0)
     os.waitpid(pid, 0)
     assert (failures, int(os.read(readable, 100))) == (0, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_forked_child_that_closes_the_client_leaves_the_parents_log_stream_alone(runtime):
+    """Regression: the child's close() closed the log streams it inherited, shutting the socket
+    it shares with the parent, whose stream was then cut and reconnected."""
+    client = cw.Client(runtime.api_key, base_url=runtime.url)
+    run = client.start("talk", {"lines": 10, "interval": 0.1})
+    stream, got = client.logs(run.request_id), []
+    first = threading.Event()
+    reader = threading.Thread(target=lambda: [got.append(e) or first.set() for e in stream], daemon=True)
+    reader.start()
+    assert first.wait(10)  # the stream is open and delivering
+    pid = os.fork()
+    if pid == 0:
+        client.close()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    reader.join(20)
+    assert [e["message"] for e in got] == [f"line {i}" for i in range(10)]
+    assert len(runtime.calls_to("GET", "/logs/")) == 1
