@@ -2139,7 +2139,9 @@ class LogStream:
     def _backoff(self, times: int) -> float:
         """The pause before reconnecting after ``times`` fruitless tries: the server's SSE
         ``retry:``, else one that doubles from LOG_BACKOFF[0] to LOG_BACKOFF[1]."""
-        return min(LOG_BACKOFF[0] * 2 ** (times - 1), LOG_BACKOFF[1]) if self._retry is None else self._retry
+        if self._retry is not None:
+            return self._retry
+        return min(LOG_BACKOFF[0] * 2.0 ** min(times - 1, 32), LOG_BACKOFF[1])
 
     def _unless_closed(self, call: Callable[[], _T]) -> _T:
         """call() on a thread of its own, so that close() need not wait while it connects or waits
