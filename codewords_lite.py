@@ -24,7 +24,7 @@ Every failure of the service or the network is a ``CodewordsError``; bad argumen
     │   ├── RateLimitError                                429 from the API, .retry_after
     │   ├── ServerError                                   5xx from the API or the gateway
     │   │   └── GatewayTimeout                            504 that could not be resumed
-    │   └── RunFailed                                     the workflow answered >= 400; .record
+    │   └── RunFailed                                     the workflow's own error answer; .record
     └── RunTimeout(CodewordsError, TimeoutError)          a deadline passed; .request_id
 """
 
@@ -219,8 +219,9 @@ class GatewayTimeout(ServerError):
 
 
 class RunFailed(APIStatusError):
-    """The workflow itself answered with a status of 400 or more; ``record`` is the request
-    record when one is known. The API's own refusals keep their classes."""
+    """The workflow itself answered with an error (400 or more, or a redirect read from its
+    record); ``record`` is the request record when one is known. The API's own refusals keep
+    their classes."""
 
     def __init__(
         self,

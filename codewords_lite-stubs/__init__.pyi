@@ -110,8 +110,9 @@ class GatewayTimeout(ServerError):
     """504 from the gateway on a blocking run that could not be resumed."""
 
 class RunFailed(APIStatusError):
-    """The workflow itself answered with a status of 400 or more; ``record`` is the request
-    record when one is known. The API's own refusals keep their classes."""
+    """The workflow itself answered with an error (400 or more, or a redirect read from its
+    record); ``record`` is the request record when one is known. The API's own refusals keep
+    their classes."""
 
     record: dict[str, Any] | None
     def __init__(
