@@ -154,6 +154,23 @@ def test_the_tour_uses_the_installed_package():
     assert result.stderr == f"codewords-lite is not installed for {sys.executable}: run `pip install .` in {ROOT}\n"
 
 
+def test_the_tour_runs_to_its_end_against_the_emulator():
+    """Regression: the tour still caught ServerError when a workflow's failure became RunFailed,
+    so the README's first command crashed at step 4; only its opening was ever tested. The
+    checkout's module stands in for the installed package (PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEWORDS_")}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "quickstart.py")],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RunFailed:" in result.stdout and "(exit code 0)" in result.stdout
+
+
 def test_the_command_lines_missing_key_message_says_what_to_export(capsys):
     """The command line has no Client(api_key=...): its message used to suggest it."""
     assert cw.main(["run", "echo"]) == 2
