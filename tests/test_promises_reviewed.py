@@ -1,5 +1,5 @@
-"""Regressions from the second review of issue 10: runs sent once, one-time keys spent once,
-deadlines kept, log streams stopped, against the emulator."""
+"""The core promises where an independent review broke them: runs sent once, one-time keys
+spent once, deadlines kept, log streams stopped; each test against the emulator."""
 
 import contextlib
 import logging
