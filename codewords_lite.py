@@ -1547,10 +1547,25 @@ def _connection_error(
 ) -> APIConnectionError:
     """The error for a failed exchange, with ``exc`` as its ``__cause__`` unless it carries the key."""
     text, cause = _foreign_text(exc, key)
+    if _nothing_sent(exc):  # in words, not urllib3's pool and connection objects
+        text = f"could not connect to {_host_of(exc)}: {_unreachable(text)}"
     cls = APITimeoutError if isinstance(exc, requests.Timeout) else APIConnectionError
     error = cls(f"{method} {_strip_query(url_path)} failed: {text}", request_id=request_id)
     error.__cause__ = cause
     return error
+
+
+def _host_of(exc: requests.RequestException) -> str:
+    url = getattr(exc.request, "url", None) or ""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the server"
+
+
+def _unreachable(text: str) -> str:
+    """Why no connection could be made, in the words of requests' text of it without the pool and
+    connection objects around them ("Failed to establish a new connection: [Errno 111] ...")."""
+    reason = re.search(r"Failed to .*?(?=[\"']\)\)?\Z|\Z)", text)
+    return reason.group(0) if reason else "timed out" if "timed out" in text else text
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -2480,7 +2495,7 @@ class _UploadBody:
             if count and not block:
                 raise OSError(f"the file ended after {self._sent} of {self._size} bytes: it changed while it was sent")
             self._sent += len(block)
-            self._report(force=self._sent == self._size)
+            self._report(force=bool(block) and self._sent == self._size)  # the last block, once
         except BaseException as exc:
             raise _SourceFailed(exc) from None
         return block  # type: ignore[return-value]
@@ -2562,7 +2577,9 @@ def _has_size(source: IO[bytes]) -> bool:
         return bool(getattr(source, "seekable", lambda: False)())
     info = os.fstat(descriptor)
     if stat.S_ISCHR(info.st_mode) and not os.isatty(descriptor):
-        raise ValueError("upload cannot read a device such as /dev/zero: give a file, a pipe or bytes")
+        name = getattr(source, "name", None)
+        what = repr(name) if isinstance(name, str) else "this file object"
+        raise ValueError(f"upload cannot read {what}: it is a device, not a file; give a file, a pipe or bytes")
     return stat.S_ISREG(info.st_mode) and info.st_size > 0 and source.seekable()
 
 

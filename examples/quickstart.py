@@ -28,8 +28,8 @@ except ImportError as exc:
 
 
 def real_service(service_id: str, inputs: dict) -> None:
-    print(f"Calling {service_id} on {cw.DEFAULT_BASE_URL} with your CODEWORDS_API_KEY")
     with cw.Client() as client:
+        print(f"Calling {service_id} on {client.base_url} with your CODEWORDS_API_KEY")
         print("run():", client.run(service_id, inputs))
         run = client.start(service_id, inputs)
         print("start():", run.request_id)

@@ -91,7 +91,7 @@ def test_a_device_that_is_not_a_terminal_is_refused_before_anything_is_sent(runt
     """Regression: a file object on /dev/urandom seeked and said size 0, and an empty file was
     uploaded; a path to it was copied for ever. A device is no file: ValueError, nothing sent.
     (/dev/null, copied as an empty file before, is refused by the same rule.)"""
-    with open(device, "rb") as opened, pytest.raises(ValueError, match="device"):
+    with open(device, "rb") as opened, pytest.raises(ValueError, match=f"cannot read '{device}': it is a device"):
         client.upload(opened if as_file else device, filename="x")
     assert not runtime.uploads and not runtime.storage_calls
 

@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -184,3 +185,16 @@ def test_help_shows_a_readable_default_for_fallback(method):
     signature = inspect.signature(method)
     assert repr(signature.parameters["fallback"].default) == "<the client's setting>"
     assert " at 0x" not in pydoc.render_doc(method)
+
+
+def test_a_refused_connection_says_where_in_words():
+    """A newcomer with the emulator not running read urllib3's internals: "_WatchedPool(host=...):
+    Max retries exceeded ... <codewords_lite._WatchedConnection object at 0x...>"."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there once it is closed
+    with pytest.raises(cw.APIConnectionError) as caught:
+        cw.Client("cwk-x", base_url=url, max_retries=0).details("req_1")
+    assert str(caught.value) == f"GET /request/req_1 failed: could not connect to {url}: " + (
+        "Failed to establish a new connection: [Errno 111] Connection refused"
+    )
