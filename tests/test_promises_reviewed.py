@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import urllib3
 
 import codewords_lite as cw
 
@@ -103,7 +104,19 @@ def test_on_log_drain_is_cut_to_the_deadline(runtime, client):
     assert time.monotonic() - started < 0.6 + 0.5
 
 
-@pytest.mark.parametrize("framing", ["chunked", "close"])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        "chunked",
+        pytest.param(
+            "close",
+            marks=pytest.mark.skipif(
+                not hasattr(urllib3.response.HTTPResponse, "read1"),
+                reason="an older urllib3 reads such a body to its end: its first entry never comes early",
+            ),
+        ),
+    ],
+)
 def test_close_wakes_a_blocked_read_in_every_framing(runtime, client, framing):
     """k: with a close-delimited log stream, http.client lets go of the socket (conn.sock is
     None), so close() could not wake the thread blocked on it: Ctrl-C took 2 s, threads piled up."""
