@@ -167,9 +167,12 @@ def test_a_map_closed_at_its_yield_sends_no_more_runs(runtime, client):
         with contextlib.closing(client.map("sleep", [{"seconds": 0.1}] * 40, max_workers=4)) as outputs:
             for _ in outputs:
                 raise KeyboardInterrupt
+    # A run admitted just before the map stopped may still be on its way to the server: let those
+    # land (each takes 0.1 s), then nothing more may come. The window holds 2 x max_workers runs.
+    time.sleep(0.5)
     sent = len(runtime.calls_to("POST", "/run/"))
     time.sleep(0.5)
-    assert len(runtime.calls_to("POST", "/run/")) == sent < 40
+    assert len(runtime.calls_to("POST", "/run/")) == sent <= 8
 
 
 def test_a_map_interrupt_names_a_rerun_and_the_run_it_replaced(runtime):
