@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import email.utils
 import heapq
+import http.client
 import io
 import ipaddress
 import itertools
@@ -52,6 +53,7 @@ import tempfile
 import threading
 import time
 import weakref
+import zlib
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -59,12 +61,14 @@ from typing import (
     Callable,
     Counter,
     Dict,
+    FrozenSet,
     Generator,
     Iterable,
     Iterator,
     List,
     Literal,
     Mapping,
+    NamedTuple,
     Optional,
     Protocol,
     Set,
@@ -125,13 +129,15 @@ HELD_POLL_MIN = 0.5  # a "not yet" faster than this means the server does not ho
 POLL_BACKOFF = (0.25, 5.0)  # first and longest sleep between polls of such a server
 RETRY_BACKOFF = (0.5, 8.0)  # first and longest sleep between retries, before jitter
 RETRY_AFTER_MAX = 60.0  # the longest Retry-After honoured
+RECORD_SETTLE = 1.0  # a record that says its run never started is believed when it says so again this much later
+CONTROL_MAX = 1 << 20  # the largest answer read of a provision, an upload URL or an error: they are small
+OUTPUT_MAX = 100 << 20  # the largest output (or record holding one) read of a run
 
 LOG_READ_TIMEOUT = 60.0  # a log stream with no entry this long: ask whether the run has ended
 LOG_BACKOFF = (0.5, 5.0)  # first and longest sleep before reconnecting a dropped log stream
 LOG_RECONNECTS = 10  # drops in a row, with no entry between them, before giving up
 LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404 before we ask about the run
 LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
-LOG_BLOCK = 64 << 10  # the most bytes read from a log stream at once
 LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
 POOL_SIZE = 100  # connections kept open to the API host; more calls at once than this open and close their own
 
@@ -140,7 +146,6 @@ UPLOAD_READ_TIMEOUT = 120.0  # for the storage host's answer to a PUT
 PROGRESS_INTERVAL = 0.25  # seconds between two on_progress calls
 
 LogEntry = Dict[str, Any]
-_T = TypeVar("_T")
 _C = TypeVar("_C", bound="Client")  # a subclass of Client keeps its type in a with block
 
 
@@ -265,7 +270,7 @@ class Run:
         """
         if self.record is None:
             deadline = self._client._deadline(timeout)
-            self.record = self._client._wait_for_record(self.request_id, deadline, on_log)
+            self.record = _wait(self._client, self._client._key(), self.request_id, deadline, on_log)
         return _output(self.record, self.request_id)
 
     def logs(self) -> LogStream:
@@ -282,7 +287,7 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------
-# The client
+# The client: its public methods, which check their arguments and hand the work to the sections below
 # ---------------------------------------------------------------------------------------------
 
 
@@ -332,17 +337,11 @@ class Client:
         self.headers = _check_headers(headers)  # sent with every run, under those of the call
         self._api_key = api_key
         self._given_session = session
-        # Proxies and the CA bundle come from the environment once, not on every call.
-        self._proxies = requests.utils.get_environ_proxies(self.base_url)
-        self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-        # One pool for all threads (urllib3's pools are thread-safe): it holds as many connections
-        # as calls ever ran at once, however many threads come and go.
-        self._pool = _WatchedAdapter(pool_maxsize=POOL_SIZE)
-        self._pool_pid = os.getpid()  # a child process after fork() makes its own (see _connections)
+        self._transport = _Transport(self.base_url, session)
+        self._gate = _RateGate()
         self._closed = False
         self._streams: weakref.WeakSet[LogStream] = weakref.WeakSet()  # live logs(), stopped by close()
         self._streams_lock = threading.Lock()
-        self._gate = _RateGate()
 
     def __repr__(self) -> str:
         return f"<codewords_lite.Client {self.base_url}>"
@@ -367,25 +366,13 @@ class Client:
         """Close the connections this client opened (not those of a session it was given); any
         later call raises RuntimeError, and so does a logs() iterator already streaming."""
         self._closed = True
-        if self._pool_pid != os.getpid():
+        if not self._transport.is_ours():
             return  # a child after fork(): what is open is the parent's (its streams' sockets too)
         with self._streams_lock:
             streams = list(self._streams)
         for stream in streams:
             stream.close()
-        self._pool.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this codewords_lite.Client is closed: make a new one")
-
-    def _connections(self) -> _WatchedAdapter:
-        """The client's pool of connections. A child process after fork() gets a new one: sharing
-        the parent's sockets would mix the two processes' answers (the child's copies are dropped)."""
-        if self._pool_pid != os.getpid():
-            self._pool, self._pool_pid = _WatchedAdapter(pool_maxsize=POOL_SIZE), os.getpid()
-            self._streams = weakref.WeakSet()  # the parent's: closing them would cut its sockets
-        return self._pool
+        self._transport.close()
 
     # -- running workflows ------------------------------------------------------------------
 
@@ -416,146 +403,25 @@ class Client:
         ``provision()``, names the run in advance, so that it can be found even if this
         process dies while it waits. A failure of the workflow itself raises RunFailed.
         """
-        plan = self._plan_run(service_id, inputs, path, timeout, fallback, on_log, request_id, method, headers)
-        return self._run(plan)
-
-    def _plan_run(
-        self,
-        service_id: str,
-        inputs: Any,
-        path: str,
-        timeout: Optional[float],
-        fallback: Optional[str],
-        on_log: Optional[Callable[[LogEntry], Any]],
-        request_id: Optional[str],
-        method: str = "POST",
-        headers: Optional[Mapping[str, str]] = None,
-    ) -> _RunPlan:
-        """Check a run's arguments and decide, before anything is sent, what it will send.
-
-        A one-time key allows one request: no provision, no log stream, no fallback, no retry;
-        what needs more is refused here.
-        """
-        method, run_headers = _check_method(method), self._run_headers(headers)
-        url_path = _service_path("run", service_id, path)
-        body: Optional[bytes] = None
-        if method == "GET":
-            url_path += _query_of(inputs)
-        else:
-            body = _encode_inputs(inputs)
+        plan = self._plan(service_id, path, method, headers, fallback, on_log).given(inputs)
         deadline = self._deadline(timeout)
         if request_id is not None:
             _check_name("request id", request_id)
-        chosen = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
-        if self._one_time_key():
-            if on_log is not None:
-                raise ConfigurationError(_ONE_REQUEST.format("on_log streams logs"))
-            if fallback is not _CLIENT_DEFAULT and fallback is not None:
-                raise ConfigurationError(_ONE_REQUEST.format(f"fallback={fallback!r} sends a second request"))
-            plan = _RunPlan(service_id, path, url_path, body, None, deadline, request_id, False, None)
-        else:
-            if method == "GET" and chosen == "rerun":
-                raise ConfigurationError("fallback='rerun' starts the run again with run_async, which takes POST only")
-            provision = request_id is None and (chosen == "resume" or on_log is not None)
-            plan = _RunPlan(service_id, path, url_path, body, chosen, deadline, request_id, provision, on_log)
-        plan.method, plan.headers = method, run_headers
-        return plan
-
-    def _claim_id(self, plan: _RunPlan) -> None:
-        """Provision the run's request id, if its plan asks for one."""
-        if plan.provision:
-            plan.request_id = self._provision(plan.deadline)
-            plan.provision = False
-
-    def _run(self, plan: _RunPlan) -> Any:
-        """A planned run, with its logs streamed while it goes on.
-
-        Ctrl-C raises KeyboardInterrupt saying whether the run was sent and how to pick it up.
-        """
-        sending, ended = False, False  # ended: the run has finished, so its log stream ends too
-        try:
-            self._claim_id(plan)
-            sending = True
-            if plan.on_log is not None and plan.request_id:
-                plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
-            output = self._run_blocking(plan)
-            ended = True
-            return output
-        except RunFailed:
-            ended = True
-            raise
-        except KeyboardInterrupt:
-            what = f"run of {plan.service_id}"
-            message = _interrupted(what, plan.request_id) if sending else f"{what} interrupted before it was sent"
-            for replaced in plan.cut_short:  # a rerun's first run, which may go on too
-                message += f"; the run it reran ({replaced or 'sent without a request id'}) may go on too"
-            raise KeyboardInterrupt(message) from None
-        finally:
-            if plan.follower is not None:
-                plan.follower.finish(plan.deadline if ended else None)
-
-    def _run_blocking(self, plan: _RunPlan) -> Any:
-        """POST /run, and the plan's fallback if its answer is cut short."""
-        headers = dict(plan.headers)
-        if plan.request_id:
-            headers[PROVISION_HEADER] = plan.request_id
-        try:
-            response = self._request(
-                plan.method,
-                plan.url_path,
-                body=plan.body,
-                headers=headers,
-                read_timeout=self.sync_timeout,
-                deadline=plan.deadline,
-                kind=_RUN,
-                request_id=plan.request_id,
-                admit=plan.admit,
-            )
-        except _CutShort as cut:
-            if _passed(plan.deadline):
-                raise _run_timeout(plan.service_id, plan.request_id) from cut.error
-            if plan.fallback == "resume" and plan.request_id:
-                logger.info("blocking run %s cut short (%s); waiting for it by its id", plan.request_id, cut.error)
-                return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
-            if plan.fallback != "rerun":
-                raise cut.error from cut.__cause__
-            logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, cut.error)
-            if plan.follower is not None:  # only the run whose output is returned streams its logs
-                plan.follower.finish()
-                plan.follower = None
-            url_path = _service_path("run_async", plan.service_id, plan.path)
-            plan.cut_short.append(plan.request_id)
-            plan.request_id = None  # until the rerun's answer names it
-            plan.request_id = self._start(url_path, plan.body, plan.deadline, plan.admit, plan.headers).request_id
-            if plan.on_log is not None:
-                plan.follower = _LogFollower(self, plan.request_id, plan.on_log)
-            return _output(self._poll_for_record(plan.request_id, plan.deadline), plan.request_id)
-        return _output_of(response)
+        return _run(self, plan, deadline, request_id)
 
     def start(
         self, service_id: str, inputs: Any = None, *, path: str = "", headers: Optional[Mapping[str, str]] = None
     ) -> Run:
         """Start a workflow in the background (POST /run_async) and return its Run; ``inputs``
         and ``headers`` as for ``run()``."""
-        url_path, run_headers = _service_path("run_async", service_id, path), self._run_headers(headers)
-        return self._start(url_path, _encode_inputs(inputs), self._deadline(None), headers=run_headers)
-
-    def _start(
-        self,
-        url_path: str,
-        body: Optional[bytes],
-        deadline: float,
-        admit: Optional[Callable[[], None]] = None,
-        headers: Optional[Dict[str, str]] = None,
-    ) -> Run:
-        response = self._request(
-            "POST", url_path, body=body, deadline=deadline, kind=_START, admit=admit, headers=headers
-        )
-        return Run(self, _request_id_in(response))
+        url_path, run_headers = _service_path(_START_RUN, service_id, path), self._run_headers(headers)
+        request = _Request(_START_RUN, url_path, self._key(), self._deadline(None), _encode_inputs(inputs), run_headers)
+        return Run(self, _request_id_in(self._send(request)))
 
     def provision(self) -> str:
         """A new request id, for ``run(request_id=...)``: the run can then be found by it."""
-        return _request_id_in(self._request("POST", "/provision-request", deadline=self._deadline(None)))
+        answer = self._send(_Request(_PROVISION, _PROVISION.path, self._key(), self._deadline(None)))
+        return _request_id_in(answer)
 
     def map(
         self,
@@ -582,96 +448,14 @@ class Client:
         Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on. Closing
         the iterator (or dropping it) stops the map too: ``contextlib.closing(client.map(...))``.
         """
-        _service_path("run", service_id, path)  # bad names and headers fail here, not in every worker
-        self._run_headers(headers)
-        if self._one_time_key():
-            raise ConfigurationError(_ONE_REQUEST.format("map sends a request an item"))
+        plan = self._plan(service_id, path, "POST", headers, fallback, None)  # bad names fail here, not per item
+        plan.key.refuse("map sends a request an item")
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ConfigurationError(f"max_workers must be a whole number >= 1, not {max_workers!r}")
-        if timeout is not None:
-            _check_seconds("timeout", timeout)
-        if fallback is not _CLIENT_DEFAULT:
-            _check_fallback(fallback)
+        seconds = self.timeout if timeout is None else _check_seconds("timeout", timeout)
         total = len(inputs) if isinstance(inputs, collections.abc.Sized) else None
-        options = {"path": path, "timeout": timeout, "fallback": fallback, "headers": headers}
-        return self._map(service_id, inputs, options, max_workers, ordered, return_exceptions, on_progress, total)
-
-    def _map(
-        self,
-        service_id: str,
-        inputs: Iterable[Any],
-        options: Dict[str, Any],
-        max_workers: int,
-        ordered: bool,
-        return_exceptions: bool,
-        on_progress: Optional[Callable[[int, Optional[int]], Any]],
-        total: Optional[int],
-    ) -> Iterator[Any]:
-        import concurrent.futures  # map() alone needs it, and it would cost more than the rest of the import
-
-        gate = _MapGate()
-        items = enumerate(inputs)
-        window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
-        counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
-        done, reading = 0, True
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="codewords-map")
-        try:
-            while True:
-                while reading and len(window) < 2 * max_workers:
-                    item = next(items, None)
-                    if item is None:
-                        reading = False
-                    else:
-                        window[pool.submit(self._map_item, service_id, item[1], options, item[0], gate)] = item[0]
-                if not window:
-                    return
-                running = [f for f in window if f not in counted]  # waiting on a finished one would spin
-                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    counted.add(future)
-                    if future.cancelled():
-                        continue
-                    done += 1
-                    if future.exception() is not None and not return_exceptions:
-                        reading = False  # the map stops at this failure: cancel what comes after it
-                        for later, index in window.items():
-                            if index > window[future]:
-                                later.cancel()
-                if on_progress is not None:
-                    on_progress(done, total)
-                ready = itertools.takewhile(counted.__contains__, window) if ordered else list(finished)
-                for future in list(ready):
-                    index = window.pop(future)
-                    counted.discard(future)
-                    if future.cancelled():
-                        continue
-                    error = future.exception()
-                    if error is not None and not return_exceptions:
-                        raise error
-                    output = error if error is not None else future.result()
-                    yield output if ordered else (index, output)
-        except KeyboardInterrupt:
-            going_on = gate.stop()
-            listed = ", ".join(f"item {i} ({r or 'no request id known'})" for i, r in going_on)
-            message = f"map of {service_id} interrupted; runs that go on: {listed or 'none'}; no other run is sent"
-            logger.warning(message)
-            raise KeyboardInterrupt(message) from None
-        finally:
-            gate.stop()
-            for future in window:
-                future.cancel()
-            pool.shutdown(wait=False)
-
-    def _map_item(self, service_id: str, item: Any, options: Dict[str, Any], index: int, gate: _MapGate) -> Any:
-        """One item of a map: a run planned and sent unless the map has stopped."""
-        path, timeout, fallback, headers = options["path"], options["timeout"], options["fallback"], options["headers"]
-        plan = self._plan_run(service_id, item, path, timeout, fallback, None, None, "POST", headers)
-        plan.admit = lambda: gate.admit(index, plan)
-        gate.check()
-        try:
-            return self._run(plan)
-        finally:
-            gate.finished(index)
+        mapper = _Mapper(self, plan, seconds, max_workers, return_exceptions)
+        return mapper.outputs(inputs, ordered, on_progress, total)
 
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""
@@ -684,8 +468,7 @@ class Client:
     def details(self, request_id: str) -> Dict[str, Any]:
         """The request record as it stands now, with timings and cost (GET /request/{id})."""
         request_id = _check_name("request id", request_id)
-        response = self._request("GET", f"/request/{request_id}", deadline=self._deadline(None), request_id=request_id)
-        return _record_in(response, request_id)
+        return _record(self, self._key(), request_id, self._deadline(None))
 
     def logs(self, request_id: str) -> LogStream:
         """Yield a run's log entries as it writes them, each once and in order, until it ends.
@@ -697,9 +480,9 @@ class Client:
         stream to its end may take more than one request.
         """
         request_id = _check_name("request id", request_id)
-        if self._one_time_key():
-            raise ConfigurationError(_ONE_REQUEST.format("logs() may reconnect and ask whether the run has ended"))
-        return LogStream(self, request_id)
+        key = self._key()
+        key.refuse("logs() may reconnect and ask whether the run has ended")
+        return LogStream(self, request_id, key)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -722,295 +505,41 @@ class Client:
         deadline = self._deadline(timeout)
         with _upload_source(source) as (body, start, size, name):
             filename = _check_filename(filename if filename is not None else name)
-            response = self._request("POST", "/file?filename=" + quote(filename, safe=""), deadline=deadline)
-            upload_uri, download_uri, signed_headers = _upload_answer(response)
-            if signed_headers is not None:
-                headers = dict(signed_headers)
-                if not any(name.lower() == "content-type" for name in headers):
-                    headers["Content-Type"] = content_type or "application/octet-stream"
-            else:
-                guessed = mimetypes.guess_type(filename)[0]
-                headers = {
-                    "Content-Type": content_type or guessed or "application/octet-stream",
-                    "x-amz-acl": "public-read",
-                }
-            self._put(upload_uri, _UploadBody(body, start, size, on_progress), headers, deadline)
+            key = self._key()
+            upload_uri, download_uri, headers = _upload_urls(self, key, filename, content_type, deadline)
+            _put(self, upload_uri, _UploadBody(body, start, size, on_progress), headers, deadline)
         return download_uri
 
-    def _put(self, url: str, body: _UploadBody, headers: Dict[str, str], deadline: float) -> None:
-        """PUT the body to the storage host, rewinding and retrying it on 5xx or a dropped connection,
-        all of it by the deadline, which the watchdog holds it to.
+    # -- what the sections below use --------------------------------------------------------
 
-        A session of its own carries none of the API's headers, cookies or credentials.
-        """
-        where = _without_query(url)
-        if self._given_session is not None:  # its proxies and CA bundle, and those of the environment if it trusts it
-            network = self._given_session.merge_environment_settings(url, {}, None, None, None)
-            proxies, verify = network["proxies"], network["verify"]
-        else:
-            proxies, verify = requests.utils.get_environ_proxies(url), self._verify
-        with requests.Session() as storage:
-            storage.trust_env = False  # no ~/.netrc credentials for someone else's host
-            storage.headers = requests.structures.CaseInsensitiveDict({"User-Agent": USER_AGENT})
-            for scheme in ("http://", "https://"):
-                storage.mount(scheme, _WatchedAdapter())
-            attempt = 0
-            while True:
-                self._check_open()
-                body.rewind()
-                timeout = _timeouts(deadline, self.connect_timeout, UPLOAD_READ_TIMEOUT)
-                if timeout is None:
-                    raise APITimeoutError(f"PUT {where}: the deadline passed")
-                try:
-                    with _WATCHDOG.watching(deadline):
-                        response = storage.put(
-                            url,
-                            data=body,
-                            headers=headers,
-                            timeout=timeout,
-                            allow_redirects=False,
-                            proxies=proxies,
-                            verify=verify,
-                        )
-                except _SourceFailed as exc:
-                    raise exc.error from None  # the caller's, not the network's: no retry
-                except requests.RequestException as exc:
-                    error: CodewordsError = _connection_error("PUT", where, exc, None, self._key())
-                    retryable = _is_transport_failure(exc)
-                    wait = _backoff(attempt)
-                else:
-                    if response.status_code < 300:
-                        return
-                    error = _storage_error(where, response)
-                    retryable = response.status_code >= 500 or response.status_code == 429
-                    retry_after = _retry_after(response)
-                    wait = _backoff(attempt) if retry_after is None else retry_after
-                if not retryable or attempt == self.max_retries or time.monotonic() + wait >= deadline:
-                    raise error from error.__cause__  # chosen by _connection_error
-                attempt += 1
-                logger.info(
-                    "PUT %s failed (%s); retry %d of %d in %.2f s", where, error, attempt, self.max_retries, wait
-                )
-                time.sleep(wait)
-
-    # -- the machinery ----------------------------------------------------------------------
-
-    def _provision(self, deadline: float) -> Optional[str]:
-        """A request id for a run, or None if the API says it does not offer them (404, 405, 501).
-
-        Any other failure is raised: a run sent without an id would meet the same network.
-        """
-        try:
-            return _request_id_in(self._request("POST", "/provision-request", deadline=deadline, kind=_PROVISION))
-        except AuthenticationError as exc:
-            raise AuthenticationError(
-                f"the API key was refused ({exc.status_code}): {_describe(exc.detail)}",
-                status_code=exc.status_code,
-                detail=exc.detail,
-                body=exc.body,
-            ) from None
-        except APIConnectionError as exc:  # the run has not been sent: say so, not which call failed
-            raise type(exc)(f"the run was not sent: provisioning its request id failed: {exc}") from exc
-        except APIStatusError as exc:
-            if exc.status_code not in (404, 405, 501):
-                raise
-            logger.warning("the API offers no request ids (%s); a 504 will not be resumable", exc)
-            return None
-
-    def _wait_for_record(
-        self, request_id: str, deadline: float, on_log: Optional[Callable[[LogEntry], Any]] = None
-    ) -> Dict[str, Any]:
-        """Long-poll GET /result until the run finishes and return its record, streaming its logs.
-
-        Ctrl-C raises KeyboardInterrupt saying how to pick the run up.
-        """
-        if on_log is not None and self._one_time_key():
-            raise ConfigurationError(_ONE_REQUEST.format("on_log streams logs"))
-        follower = _LogFollower(self, request_id, on_log) if on_log is not None else None
-        interrupted = False
-        try:
-            return self._poll_for_record(request_id, deadline)
-        except KeyboardInterrupt:
-            interrupted = True
-            raise KeyboardInterrupt(_interrupted("wait", request_id)) from None
-        finally:
-            if follower is not None:
-                follower.finish(None if interrupted else deadline)
-
-    def _poll_for_record(self, request_id: str, deadline: float) -> Dict[str, Any]:
-        backoff = POLL_BACKOFF[0]
-        one_time = self._one_time_key()
-        while True:
-            hold = min(LONG_POLL_MAX, max(1, math.ceil(deadline - time.monotonic())))
-            asked = time.monotonic()
-            try:
-                response = self._request(
-                    "GET",
-                    f"/result/{request_id}?timeout={hold}",
-                    read_timeout=hold + LONG_POLL_MARGIN,
-                    deadline=deadline,
-                    request_id=request_id,
-                    not_yet=(408, 504),
-                )
-            except APIConnectionError as exc:
-                if _passed(deadline):
-                    raise _run_timeout(None, request_id) from exc
-                raise
-            if response.status_code < 300:
-                record = _record_in(response, request_id)
-                if _finished(record):
-                    return record
-            if one_time:
-                raise _run_timeout(None, request_id, "the one poll a one-time key allows")
-            if _passed(deadline):
-                raise _run_timeout(None, request_id)
-            if time.monotonic() - asked >= HELD_POLL_MIN:
-                backoff = POLL_BACKOFF[0]
-                continue
-            # The server said "not yet" without holding the poll: back off instead of spinning.
-            _sleep_until_at_most(backoff, deadline)
-            backoff = min(backoff * 2, POLL_BACKOFF[1])
-
-    def _request(
+    def _plan(
         self,
+        service_id: str,
+        path: str,
         method: str,
-        url_path: str,
-        *,
-        deadline: float,
-        body: Optional[bytes] = None,
-        headers: Optional[Dict[str, str]] = None,
-        read_timeout: float = QUICK_READ_TIMEOUT,
-        kind: str = "",
-        request_id: Optional[str] = None,
-        not_yet: Tuple[int, ...] = (),
-        stream: bool = False,
-        admit: Optional[Callable[[], None]] = None,
-        retry: bool = True,
-    ) -> requests.Response:
-        """Send one API call, send it again while that is safe, and return a 2xx or ``not_yet`` answer.
+        headers: Optional[Mapping[str, str]],
+        fallback: Optional[str],
+        on_log: Optional[Callable[[LogEntry], Any]],
+    ) -> _RunPlan:
+        """Check a run's arguments and decide, before anything is sent, what it will send. A
+        one-time key allows one request: no fallback, no log stream; what needs more is refused."""
+        method, run_headers = _check_method(method), self._run_headers(headers)
+        url_path = _service_path(_RUN_POST, service_id, path)
+        chosen = self.fallback if fallback is _CLIENT_DEFAULT else _check_fallback(fallback)
+        key = self._key()
+        if key.once:
+            if on_log is not None:
+                key.refuse("on_log streams logs")
+            if fallback is not _CLIENT_DEFAULT and fallback is not None:
+                key.refuse(f"fallback={fallback!r} sends a second request")
+            chosen = None
+        elif method == "GET" and chosen == "rerun":
+            raise ConfigurationError("fallback='rerun' starts the run again with run_async, which takes POST only")
+        return _RunPlan(service_id, path, method, url_path, None, run_headers, key, chosen, on_log)
 
-        ``kind`` is _RUN for POST /run and _START for POST /run_async, the calls that start a
-        workflow, and _PROVISION for a run's provision (see ``_judge``). ``admit`` is called before
-        each send of one, and may refuse it. ``retry=False`` sends it once, for a caller that
-        retries in its own way.
-        """
-        all_headers = self._headers()
-        if headers:
-            all_headers.update(headers)
-        one_time = self._one_time_key()  # one request: no retry, and no question afterwards
-        retries = 0 if not retry or one_time else self.max_retries
-        starts_a_run = kind in (_RUN, _START)  # the calls a limit on concurrent executions counts
-        attempt = 0
-        while True:
-            if not self._gate.enter(deadline, starts_a_run):
-                raise APITimeoutError(f"{method} {_strip_query(url_path)}: the deadline passed", request_id=request_id)
-            answered = False
-            try:
-                timeout = _timeouts(deadline, self.connect_timeout, read_timeout)
-                if timeout is None:
-                    raise APITimeoutError(
-                        f"{method} {_strip_query(url_path)}: the deadline passed", request_id=request_id
-                    )
-                if admit is not None:
-                    admit()
-                outcome: Union[requests.Response, requests.RequestException]
-                try:
-                    outcome = self._send(method, url_path, body, all_headers, timeout, stream, deadline)
-                except requests.RequestException as exc:
-                    outcome = exc
-                error, then, wait = self._judge(method, url_path, outcome, kind, request_id, not_yet, attempt)
-                answered = error is None
-                if then in (_ASK, _CHECK) and request_id and not one_time and isinstance(error, APIStatusError):
-                    self._raise_if_started(error, request_id, deadline)  # asked before the pause below
-                if isinstance(error, RateLimitError):
-                    self._gate.slow_down(wait, starts_a_run)  # every thread waits it out, in gate.enter()
-            finally:
-                self._gate.leave(starts_a_run, answered)
-            if error is None:
-                return outcome  # type: ignore[return-value]
-            cause = error.__cause__  # the failure of requests, unless it carries the key (_connection_error)
-            if then == _CUT:
-                raise _CutShort(error) from cause
-            if then in (_RAISE, _CHECK) or (then == _ASK and (request_id is None or one_time)):
-                raise error from cause  # a run that may have started, or that cannot be told apart
-            if attempt == retries or time.monotonic() + wait >= deadline:
-                raise error from cause
-            attempt += 1
-            logger.info("%s %s failed (%s); retry %d of %d", method, _strip_query(url_path), error, attempt, retries)
-            if not isinstance(error, RateLimitError):
-                time.sleep(wait)
-
-    def _judge(
-        self,
-        method: str,
-        url_path: str,
-        outcome: Union[requests.Response, requests.RequestException],
-        kind: str,
-        request_id: Optional[str],
-        not_yet: Tuple[int, ...],
-        attempt: int,
-    ) -> Tuple[Optional[CodewordsError], str, float]:
-        """What an answer or a failure means: (the error or None, what to do next, seconds to wait).
-
-        Any call may be sent again if it never left, but a run's provision (_PROVISION): a host
-        that cannot be reached would not take the run either. A call that starts no run may be
-        sent again after any failure that may pass. POST /run_async answers before its run
-        starts, so its 429 and 503 may be sent again. POST /run may be sent again only when its
-        run is known not to have started: a 429 or 503 not marked as the workflow's is _ASK (the
-        record says whether it started), any other error answer is _CHECK (the record says whose
-        answer it was), and a 504 from the gateway or a read timeout is _CUT (it was sent; it
-        may go on).
-        """
-        starts_a_run = kind in (_RUN, _START)
-        if isinstance(outcome, requests.RequestException):
-            error: CodewordsError = _connection_error(method, url_path, outcome, request_id, self._key())
-            if _nothing_sent(outcome):
-                return error, _RAISE if kind == _PROVISION else _RESEND, _backoff(attempt)
-            if not starts_a_run and _is_transport_failure(outcome):
-                return error, _RESEND, _backoff(attempt)
-            if kind == _RUN and isinstance(outcome, requests.ReadTimeout):
-                return error, _CUT, 0.0
-            return error, _RAISE, 0.0
-        status = outcome.status_code
-        if status < 300 or status in not_yet:
-            return None, "", 0.0
-        error = self._status_error(method, url_path, outcome, request_id)
-        retry_after = _retry_after(outcome)
-        wait = _backoff(attempt) if retry_after is None else retry_after
-        if isinstance(error, RunFailed):
-            return error, _RAISE, 0.0
-        if kind == _RUN and status == 504:
-            return error, _CUT, 0.0
-        if status in (429, 503):
-            return error, _ASK if kind == _RUN else _RESEND, wait
-        if kind == _RUN:
-            return error, _CHECK, 0.0
-        if not starts_a_run and status in (500, 502, 504):
-            return error, _RESEND, wait
-        return error, _RAISE, 0.0
-
-    def _raise_if_started(self, error: APIStatusError, request_id: str, deadline: float) -> None:
-        """After an error answer to POST /run with no Error-Origin: raise it as the workflow's
-        (RunFailed) if the run had started, or as it is if that cannot be known or the record
-        shows the run succeeded (the error was the gateway's); return if it had not started."""
-        try:
-            response = self._request("GET", f"/request/{request_id}", deadline=deadline, request_id=request_id)
-            record = _record_in(response, request_id)
-        except CodewordsError:
-            raise error from None
-        status = _response_status(record)
-        if status is not None and status < 400:
-            error.args = (f"{error}; the run itself succeeded: {_pick_up(request_id)}",)
-            raise error from None
-        if record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None:
-            raise RunFailed(
-                f"{error} (the workflow's own answer: the run had started)",
-                status_code=error.status_code,
-                detail=error.detail,
-                body=error.body,
-                request_id=request_id,
-                record=record,
-            )
+    def _send(self, request: _Request, attempts: Optional[_Attempts] = None) -> _Answer:
+        """Send an API call as the call table says: see _Sender.send."""
+        return _Sender(self, request, attempts).send()
 
     def _run_headers(self, headers: Optional[Mapping[str, str]]) -> Dict[str, str]:
         """A run's own headers: any type of answer accepted, then the client's, then the call's."""
@@ -1019,164 +548,54 @@ class Client:
         merged.update(_check_headers(headers))
         return dict(merged)
 
-    def _headers(self) -> Dict[str, str]:
-        """The headers of every API call, with the key read now if it was not given."""
-        return {
-            "Authorization": "Bearer " + self._key(),
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
-
-    def _key(self) -> str:
+    def _key(self) -> _Key:
+        """The API key, read and checked once per public call (from the environment if not given)."""
         key = self._api_key or os.environ.get(API_KEY_ENV)
         if not key:
             raise ConfigurationError(f"no API key: pass Client(api_key=...) or set ${API_KEY_ENV}")
         if not _KEY.match(key):
             raise ConfigurationError("the API key has spaces or control characters in it")
-        return key
-
-    def _one_time_key(self) -> bool:
-        return self._key().startswith(ONE_TIME_KEY_PREFIX)
-
-    def _send(
-        self,
-        method: str,
-        url_path: str,
-        body: Optional[bytes],
-        headers: Dict[str, str],
-        timeout: Tuple[float, float],
-        stream: bool,
-        deadline: float,
-    ) -> requests.Response:
-        """An API call's exchange, following at most MAX_REDIRECTS redirects that stay on the
-        API's scheme, host and port (see _redirect_target), and none with a one-time key: the
-        answer to the last one."""
-        url = self.base_url + url_path
-        for _ in range(0 if self._one_time_key() else MAX_REDIRECTS):  # a one-time key is spent by one
-            response = self._exchange(method, url, body, headers, timeout, stream, deadline)
-            target, _why = _redirect_target(self.base_url, method, response)
-            if target is None:
-                return response
-            response.close()
-            logger.debug("%s %s redirected (%d) to %s", method, _strip_query(url), response.status_code, target)
-            url = target
-        return self._exchange(method, url, body, headers, timeout, stream, deadline)
-
-    def _exchange(
-        self,
-        method: str,
-        url: str,
-        body: Optional[bytes],
-        headers: Dict[str, str],
-        timeout: Tuple[float, float],
-        stream: bool,
-        deadline: float,
-    ) -> requests.Response:
-        """One HTTP exchange, its whole answer read by the deadline (its headers, if streamed).
-
-        It goes through a session given to the client, as it is set up but for its credentials
-        (and whose reads the timeout bounds one by one), or else straight through the client's
-        requests adapter, which skips the session's per-call merging of settings, cookies and
-        environment (a fifth of a call's time on loopback), watched by the watchdog.
-        """
-        self._check_open()
-        if self._given_session is not None:
-            response = self._given_session.request(
-                method,
-                url,
-                data=body,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-                stream=stream,
-                auth=_BearerAuth(headers["Authorization"]),  # or ~/.netrc and session.auth would replace the key
-            )
-            if not stream:
-                _check_complete(response)
-            return response
-        prepared = requests.PreparedRequest()
-        prepared.prepare(method=method, url=url, headers=headers, data=body)
-        with _WATCHDOG.watching(deadline):
-            response = self._connections().send(
-                prepared, stream=stream, timeout=timeout, verify=self._verify, proxies=self._proxies
-            )
-            if not stream:
-                _check_complete(response)
-        return response
-
-    def _status_error(
-        self, method: str, url_path: str, response: requests.Response, request_id: Optional[str]
-    ) -> APIStatusError:
-        """The APIStatusError for an HTTP error answer, with the server's message in its text."""
-        status = response.status_code
-        body = _answer(response)
-        detail = body.get("detail") if isinstance(body, dict) and "detail" in body else body
-        reason = _without_key(response.reason or "", response)
-        message = f"{status} {reason} from {method} {_strip_query(url_path)}".replace("  ", " ")
-        if 300 <= status < 400:
-            location = _without_key(response.headers.get("Location"), response)
-            why = _redirect_target(self.base_url, method, response)[1] or (
-                "a one-time key is spent by the first request"
-                if self._one_time_key()
-                else f"more than {MAX_REDIRECTS} redirects in a row"
-            )
-            message += f": redirected to {location!r}, which is not followed: {why}"
-        elif detail not in (None, ""):
-            message += ": " + _describe(detail)
-        if request_id:
-            message += f" (request {request_id})"
-        cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
-        if response.headers.get("Error-Origin") == "service":
-            cls = RunFailed  # the workflow's own answer, not the API's
-        error = cls(message, status_code=status, detail=detail, body=body, request_id=request_id)
-        if isinstance(error, RateLimitError):
-            error.retry_after = _retry_after(response)
-        return error
+        return _Key(key)
 
     def _deadline(self, timeout: Optional[float]) -> float:
         seconds = self.timeout if timeout is None else _check_seconds("timeout", timeout)
         return time.monotonic() + seconds
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this codewords_lite.Client is closed: make a new one")
+
 
 # ---------------------------------------------------------------------------------------------
-# Private helpers
+# Checks: bad input is refused here, before anything is sent
 # ---------------------------------------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
-_OUTPUT_FIELDS = ("responseStatus", "responseJson", "responseContent")  # a finished record has one
-_CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
 _PATH_SAFE = "!$&'()*+,;=:@"  # kept as they are in a path segment (RFC 3986 pchar); all else is encoded
 _KEY = re.compile(r"[\x21-\x7e]+\Z")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
-_ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-_SSE_FIELD = re.compile(r":|(data|id|event|retry)(:|\Z)")
-_DIGITS = re.compile(r"[0-9]+\Z")
 # A header value HTTP carries as it is: Latin-1, no control characters, no space at its ends.
 _HEADER_VALUE = re.compile(r"([!-~\x80-\xff]([ -~\x80-\xff]*[!-~\x80-\xff])?)?\Z")
-_LOG_EVENT_TYPES = ("", "message", "log")  # SSE event types that carry log entries
-_BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
-_XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
-_XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-_STATUS_ERRORS = {
-    401: AuthenticationError,
-    403: AuthenticationError,
-    404: NotFoundError,
-    429: RateLimitError,
-    504: GatewayTimeout,
-}
-# What makes a log stream reconnect, counted toward LOG_RECONNECTS: its connection failed or
-# was refused for now, or the question whether the run goes on could not be answered.
-_LOG_FAILURES = (
-    APIConnectionError,
-    RateLimitError,
-    ServerError,
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    OSError,
-)
+_ONE_REQUEST = "{}, and a one-time key allows one request"
+
+
+class _Key(NamedTuple):
+    """The API key of one public call, read and checked once; its repr never shows it."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "<API key ***>"
+
+    @property
+    def once(self) -> bool:
+        """A one-time key, spent by the first request that carries it: every call sends one."""
+        return self.value.startswith(ONE_TIME_KEY_PREFIX)
+
+    def refuse(self, what: str) -> None:
+        """ConfigurationError, before anything is sent, if this is a one-time key and ``what`` needs more."""
+        if self.once:
+            raise ConfigurationError(_ONE_REQUEST.format(what))
 
 
 def _check_base_url(url: str) -> str:
@@ -1223,10 +642,11 @@ def _check_name(what: str, name: Any) -> str:
     return name
 
 
-def _service_path(kind: str, service_id: str, path: str) -> str:
-    """``/run/{service_id}[/{path}]`` (or run_async): a checked service id, and each segment of
-    the path percent-encoded, so that any characters arrive as given (``a b``, ``items:batch``)."""
-    url_path = f"/{kind}/{_check_name('service id', service_id)}"
+def _service_path(call: _Call, service_id: str, path: str) -> str:
+    """The path of a run's call (``/run/{service_id}[/{path}]``, or run_async): a checked service
+    id, and each segment of the path percent-encoded, so that any characters arrive as given
+    (``a b``, ``items:batch``)."""
+    checked, segments = _check_name("service id", service_id), ""
     if not isinstance(path, str):
         raise ConfigurationError(f"bad path {path!r}: want a string such as 'reports/daily'")
     if path.strip("/"):
@@ -1234,10 +654,10 @@ def _service_path(kind: str, service_id: str, path: str) -> str:
             if segment in ("", ".", ".."):
                 raise ConfigurationError(f"bad path {path!r}: a segment is empty, '.' or '..'")
             try:
-                url_path += "/" + quote(segment, safe=_PATH_SAFE)
+                segments += "/" + quote(segment, safe=_PATH_SAFE)
             except UnicodeEncodeError:
                 raise ConfigurationError(f"bad path {path!r}: it is not valid Unicode") from None
-    return url_path
+    return call.at(service_id=checked, path=segments)
 
 
 def _check_headers(headers: Any) -> Dict[str, str]:
@@ -1278,24 +698,25 @@ def _query_of(inputs: Any) -> str:
         if not isinstance(name, str):
             raise TypeError(f"query parameter names must be strings, not {name!r}")
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is None:
-                continue
-            if isinstance(item, bool):
-                text = "true" if item else "false"  # as FastAPI and JSON spell them
-            # Each as its value, as JSON would send it, not a subclass's own str() (an Enum's name).
-            elif isinstance(item, str):
-                text = str.__str__(item)
-            elif isinstance(item, int):
-                text = int.__repr__(item)
-            elif isinstance(item, float) and math.isfinite(item):
-                text = float.__repr__(item)
-            else:
-                raise TypeError(f"query parameter {name!r} must be a string, number or boolean, not {item!r}")
-            try:
-                pairs.append(quote(name, safe="") + "=" + quote(text, safe=""))
-            except UnicodeEncodeError:
-                raise TypeError(f"query parameter {name!r} is not valid Unicode") from None
+            if item is not None:
+                try:
+                    pairs.append(quote(name, safe="") + "=" + quote(_query_text(name, item), safe=""))
+                except UnicodeEncodeError:
+                    raise TypeError(f"query parameter {name!r} is not valid Unicode") from None
     return "?" + "&".join(pairs) if pairs else ""
+
+
+def _query_text(name: str, item: Any) -> str:
+    """A query parameter's value as JSON would send it, not a subclass's own str() (an Enum's name)."""
+    if isinstance(item, bool):
+        return "true" if item else "false"  # as FastAPI and JSON spell them
+    if isinstance(item, str):
+        return str.__str__(item)
+    if isinstance(item, int):
+        return int.__repr__(item)
+    if isinstance(item, float) and math.isfinite(item):
+        return float.__repr__(item)
+    raise TypeError(f"query parameter {name!r} must be a string, number or boolean, not {item!r}")
 
 
 def _encode_inputs(inputs: Any) -> bytes:
@@ -1319,26 +740,1058 @@ def _json_text(value: Any, **layout: Any) -> str:
     return text
 
 
+# ---------------------------------------------------------------------------------------------
+# The request path: the call table, the policy, the send, the transport, the watchdog
+# ---------------------------------------------------------------------------------------------
+#
+# Every request the client makes is a row of the call table. _judge reads an answer or a failure
+# against its row and says what comes next; _Sender.send is the one loop that sends, follows,
+# asks and sends again; _Transport is the one way bytes leave; the watchdog is the one way a call
+# blocked on its socket is stopped. "Will this be sent again?" is answered by the row and _judge.
+
+# What a failure of a call may mean once it has left (a row's `starts`):
+_NOTHING = "nothing"  # it starts no run: whatever may pass may be sent again
+_RUN = "a run"  # POST /run: sent again only once its record shows that the run never started
+_START = "a run, once answered"  # POST /run_async: its 429 and 503 come before the run; nothing else is sent again
+# Which redirects a call follows (a row's `redirects`), at most MAX_REDIRECTS in a row:
+_ORIGIN = "to the API's own scheme, host and port"
+_NONE = "none"
+_SAFE = frozenset({429, 500, 502, 503, 504})  # refusals and gateway failures that pass, for calls that start nothing
+_BEFORE_RUN = frozenset({429, 503})  # what the gateway answers before a run starts
+_STORAGE_RETRIES = frozenset({429, *range(500, 600)})
+
+
+class _Call(NamedTuple):
+    """A row of the call table: one endpoint of the API, and what its failures mean."""
+
+    method: str
+    path: str  # filled in with str.format; for the storage host, the whole URL
+    starts: str  # _NOTHING, _RUN or _START: what a failure after it left may mean
+    resend: FrozenSet[int]  # error statuses that may be sent again (a run's: once its record shows it never started)
+    not_yet: FrozenSet[int] = frozenset()  # statuses that mean "not yet": an answer, not an error
+    unsent: bool = True  # a call that never left (no connection was made) may be sent again
+    retries: bool = True  # sent again up to max_retries times; False: once, its caller counts (a log stream)
+    read: str = "quick"  # its read timeout: "quick", "run" (the client's sync_timeout) or "upload"
+    stream: bool = False  # a 2xx answer is read as it comes, not whole
+    redirects: str = _ORIGIN
+    host: str = "api"  # or "storage": a presigned URL, sent no key
+    held: bool = True  # waits out the pause of the client's threads after a 429
+
+    def at(self, **names: str) -> str:
+        return self.path.format(**names)
+
+
+# The call table: every request the client makes is one of these.
+_PROVISION = _Call("POST", "/provision-request", _NOTHING, _SAFE)
+_PROVISION_FOR_RUN = _PROVISION._replace(unsent=False)  # a host that cannot be reached would not take the run
+_RUN_POST = _Call("POST", "/run/{service_id}{path}", _RUN, _BEFORE_RUN, read="run")
+_RUN_GET = _RUN_POST._replace(method="GET")  # a workflow's read-only route
+_START_RUN = _Call("POST", "/run_async/{service_id}{path}", _START, _BEFORE_RUN)
+_RESULT = _Call("GET", "/result/{request_id}?timeout={hold}", _NOTHING, _SAFE - {504}, frozenset({408, 504}))
+_RECORD = _Call("GET", "/request/{request_id}", _NOTHING, _SAFE)
+_RECORD_OF_REFUSED = _RECORD._replace(held=False)  # a run refused by a 429: did it start? (not held by its pause)
+_LOGS = _Call("GET", "/logs/{request_id}{query}", _NOTHING, _SAFE, retries=False, stream=True)
+_FILE = _Call("POST", "/file?filename={filename}", _NOTHING, _SAFE)
+_PUT = _Call("PUT", "{url}", _NOTHING, _STORAGE_RETRIES, read="upload", redirects=_NONE, host="storage")
+
+
+class _Request(NamedTuple):
+    """One call about to be sent: its row of the call table, and all it carries."""
+
+    call: _Call
+    path: str  # the row's path filled in
+    key: Optional[_Key]  # None for the storage host, which never sees it
+    deadline: float
+    body: Any = None  # bytes, or an _UploadBody
+    headers: Mapping[str, str] = {}  # its own, over those of every call
+    request_id: Optional[str] = None  # the run it concerns: named in errors, asked about after an unclear answer
+    read_timeout: Optional[float] = None  # else its row's
+    admit: Optional[Callable[[], None]] = None  # called before each send, and may refuse it (a stopped map)
+    stop: Optional[_Stop] = None  # lets another thread stop it (LogStream.close)
+
+    def describe(self) -> str:
+        return f"{self.call.method} {_without_query(self.path)}"
+
+
+class _Answer(NamedTuple):
+    """An answer as it came: its status and headers, and its whole body, or for a stream, its open response."""
+
+    status: int
+    reason: str
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+    key: str  # the key its request carried, masked wherever the answer is read: a server may echo it
+    response: Optional[requests.Response] = None  # a 2xx stream, its body unread
+    watch: Optional[_Watch] = None  # the stream's, which close() fires
+
+
+class _Failure(NamedTuple):
+    """An exchange that brought no answer: what happened to it, in words without the key."""
+
+    kind: str  # one of the kinds below
+    text: str
+    timeout: bool = False  # it timed out (connecting or reading)
+
+
+# What happened to an exchange that brought no answer (a _Failure's kind):
+_LATE = "late"  # the deadline passed before it was sent
+_UNSENT = "unsent"  # no connection could be made: nothing left
+_LOST = "lost"  # the connection failed after the request left: dropped, reset, cut short
+_TIMEOUT = "timeout"  # no answer within the read timeout
+_DEADLINE = "deadline"  # the deadline passed while it was under way: the watchdog cut it
+_STOPPED = "stopped"  # another thread stopped it
+# What _judge says comes next:
+_DONE, _FOLLOW, _RESEND, _ASK, _CUT, _RAISE = "done", "follow", "resend", "ask", "cut", "raise"
+
+
+def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -> Tuple[str, Any, Optional[float]]:
+    """What an answer or a failure of a call means: (what comes next, the error or the URL to
+    follow, the Retry-After to wait before sending it again, if the server said).
+
+    _RESEND sends it again, as its attempts allow; _ASK asks the record of its run whether it had
+    started (the run is sent again only if it had not, and its status is in its row's resend);
+    _CUT says that a run's answer was lost and its fallback decides. A one-time key allows one
+    request: nothing is followed, asked or sent again.
+    """
+    call, once = request.call, request.key is not None and request.key.once
+    if isinstance(outcome, _Failure):
+        return _judge_failure(request, outcome), _failure_error(request, outcome), None
+    if outcome.status < 300 or outcome.status in call.not_yet:
+        return _DONE, None, None
+    target, why = _redirect_target(call, outcome, once or follows >= MAX_REDIRECTS)
+    if target is not None:
+        return _FOLLOW, target, None
+    error = _status_error(request, outcome, why)
+    if isinstance(error, RunFailed) or once:
+        return _RAISE, error, None
+    if call.starts == _RUN:
+        if outcome.status == 504:
+            return _CUT, error, None
+        return (_ASK if request.request_id else _RAISE), error, _retry_after(outcome)
+    return (_RESEND if outcome.status in call.resend else _RAISE), error, _retry_after(outcome)
+
+
+def _judge_failure(request: _Request, failure: _Failure) -> str:
+    """What comes after an exchange that brought no answer (see _judge)."""
+    call, once = request.call, request.key is not None and request.key.once
+    if failure.kind == _UNSENT:
+        return _RESEND if call.unsent and not once else _RAISE
+    if call.starts == _RUN and failure.kind in (_TIMEOUT, _DEADLINE):
+        return _CUT  # it was sent, and may go on
+    if call.starts == _NOTHING and failure.kind in (_LOST, _TIMEOUT) and not once:
+        return _RESEND
+    return _RAISE
+
+
+class _Attempts:
+    """How many more times a call may be sent, and the pause before each: the one backoff
+    formula, or the server's Retry-After in its place. urllib3's Retry, as a counter that a
+    caller may keep across calls (a log stream counts its reconnects in one)."""
+
+    def __init__(self, retries: float, backoff: Tuple[float, float], stop: Optional[_Stop] = None) -> None:
+        self.retries, self.made, self.backoff, self._stop = retries, 0, backoff, stop
+        self.out_of_time = False  # a try was refused because the deadline would come first
+
+    def pause(self, retry_after: Optional[float] = None) -> float:
+        """Seconds to wait before the next try: doubling from the first pause to the longest, with jitter."""
+        if retry_after is not None:
+            return retry_after
+        first, longest = self.backoff
+        return min(first * 2.0 ** min(self.made, 32), longest) * random.uniform(0.5, 1.0)
+
+    def spend(self, wait: float, deadline: float = math.inf, sleep: bool = True) -> bool:
+        """Count one more try and wait for it; False if none is left, or the deadline would come first."""
+        if self.made >= self.retries:
+            return False
+        if time.monotonic() + wait >= deadline:
+            self.out_of_time = True
+            return False
+        self.made += 1
+        if sleep:
+            _sleep(wait, self._stop)
+        return True
+
+
+class _Sender:
+    """Sends one call: the one loop that sends it, follows its redirects, asks about its run and
+    sends it again, each as _judge says."""
+
+    def __init__(self, client: Client, request: _Request, attempts: Optional[_Attempts] = None) -> None:
+        self.client, self.request = client, request
+        retries = client.max_retries if request.call.retries else 0
+        self.attempts = attempts or _Attempts(retries, RETRY_BACKOFF, request.stop)
+        self.url = request.path if request.call.host == "storage" else client.base_url + request.path
+
+    def send(self) -> _Answer:
+        follows = 0
+        while True:
+            outcome = self._exchange()
+            step, found, retry_after = _judge(self.request, outcome, follows)
+            if step == _DONE and isinstance(outcome, _Answer):
+                return outcome
+            if step == _FOLLOW and isinstance(outcome, _Answer):
+                follows += 1
+                logger.debug("%s redirected to %s", self.request.describe(), _masked(found, outcome.key))
+                self.url = found
+                continue
+            if step == _CUT:
+                raise _Unanswered(found)
+            if step == _ASK and self._may_resend_run(found, retry_after):
+                continue
+            if step == _RESEND and self._again(found, retry_after):
+                continue
+            raise found
+
+    def _exchange(self) -> Union[_Answer, _Failure]:
+        """The request sent once and its answer read, within the rate gate and the deadline."""
+        request, client = self.request, self.client
+        client._check_open()
+        is_run = request.call.starts != _NOTHING
+        if not client._gate.enter(request.deadline, is_run, request.stop, request.call.held):
+            return _Failure(_LATE, "the deadline passed", timeout=True)
+        answered = False
+        try:
+            timeouts = _timeouts(request.deadline, client.connect_timeout, self._read_timeout())
+            if timeouts is None:
+                return _Failure(_LATE, "the deadline passed", timeout=True)
+            if request.admit is not None:
+                request.admit()
+            if isinstance(request.body, _UploadBody):
+                request.body.rewind()  # for a PUT sent again, from its start
+            outcome = client._transport.exchange(request, self.url, timeouts)
+            answered = isinstance(outcome, _Answer) and outcome.status != 429  # let through: the limit grows
+            if isinstance(outcome, _Answer) and outcome.status == 429:  # every thread waits, in enter()
+                client._gate.slow_down(self.attempts.pause(_retry_after(outcome)), is_run)
+            return outcome
+        finally:
+            client._gate.leave(is_run, answered)
+
+    def _read_timeout(self) -> float:
+        if self.request.read_timeout is not None:
+            return self.request.read_timeout
+        read = self.request.call.read
+        return (
+            self.client.sync_timeout
+            if read == "run"
+            else UPLOAD_READ_TIMEOUT
+            if read == "upload"
+            else QUICK_READ_TIMEOUT
+        )
+
+    def _again(self, error: CodewordsError, retry_after: Optional[float]) -> bool:
+        """Whether to send the call again, after the pause; a 429 pauses every thread of the client."""
+        wait = self.attempts.pause(retry_after)
+        rate_limited = isinstance(error, RateLimitError)  # the rate gate waits it out (see _exchange)
+        if not self.attempts.spend(wait, self.request.deadline, sleep=not rate_limited):
+            return False
+        retries = self.attempts.retries
+        logger.info("%s failed (%s); retry %d of %d", self.request.describe(), error, self.attempts.made, retries)
+        return True
+
+    def _may_resend_run(self, error: APIStatusError, retry_after: Optional[float]) -> bool:
+        """After an error answer to POST /run not marked as the workflow's: whether to send it again.
+        A record that shows the run started holds its answer (raised as _Unanswered, for the run to
+        wait for). A refusal of the gateway (429, 503) is sent again, under the same id, only when
+        the record says that the run never started twice, RECORD_SETTLE apart (a record may lag its
+        run); any other error of a run that never started is raised as it is."""
+        self._raise_if_started(error)
+        if error.status_code not in self.request.call.resend or self.attempts.made >= self.attempts.retries:
+            return False
+        wait = max(RECORD_SETTLE, self.attempts.pause(retry_after))
+        if not self.attempts.spend(wait, self.request.deadline, sleep=False):
+            return False  # no time for a second look
+        _sleep(wait, self.request.stop)
+        self._raise_if_started(error)
+        logger.info("%s refused before it ran (%s); sent again", self.request.describe(), error)
+        return True
+
+    def _raise_if_started(self, error: APIStatusError) -> None:
+        """_Unanswered with the record if it shows the run started; the error as it is if the record cannot be read."""
+        request_id = self.request.request_id
+        assert request_id is not None  # _judge asks only about a run with an id
+        try:
+            question = _Request(
+                _RECORD_OF_REFUSED, _RECORD.at(request_id=request_id), self.request.key, self.request.deadline
+            )
+            record = _record_in(self.client._send(question), request_id)
+        except CodewordsError:
+            raise error from None
+        if record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None:
+            raise _Unanswered(error, record)
+
+
+class _Unanswered(Exception):
+    """POST /run left and got no answer of the workflow's: a 504 or a read timeout (no record:
+    the fallback decides), or an error answer whose record shows the run started (the run's
+    answer is its record's). Raised by _Sender, caught by _send_run, never seen by a caller."""
+
+    def __init__(self, error: CodewordsError, record: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(str(error))
+        self.error, self.record = error, record
+
+
+def _record(
+    client: Client, key: _Key, request_id: str, deadline: float, stop: Optional[_Stop] = None
+) -> Dict[str, Any]:
+    """The request record as it stands now (GET /request/{id})."""
+    request = _Request(_RECORD, _RECORD.at(request_id=request_id), key, deadline, request_id=request_id, stop=stop)
+    return _record_in(client._send(request), request_id)
+
+
+def _timeouts(deadline: float, connect: float, read: float) -> Optional[Tuple[float, float]]:
+    """The (connect, read) timeouts of a call, cut to what is left before its deadline; None if
+    it has passed."""
+    left = deadline - time.monotonic()
+    return None if left < _TIMEOUT_MIN else (min(connect, left), min(read, left))
+
+
+def _passed(deadline: float) -> bool:
+    """Whether a deadline has passed, or is too close for one more request (see _timeouts)."""
+    return deadline - time.monotonic() < _TIMEOUT_MIN
+
+
+_TIMEOUT_MIN = 0.001  # a deadline closer than this has passed: requests refuses a timeout of 0
+
+
+class _Stopped(Exception):
+    """Raised in a call whose _Stop has been set (a log stream after close()): it ends at once."""
+
+
+class _Stop:
+    """Lets another thread stop a call: its pauses end, and its socket is shut (LogStream.close)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._watch: Optional[_Watch] = None
+
+    def set(self) -> None:
+        self._event.set()
+        watch = self._watch
+        if watch is not None:
+            _WATCHDOG.fire(watch)
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def hold(self, watch: Optional[_Watch]) -> None:
+        """The watch of the call under way, fired by set(): at once if it has been set already."""
+        self._watch = watch
+        if watch is not None and self._event.is_set():
+            _WATCHDOG.fire(watch)
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, unless stopped first: _Stopped."""
+        if self._event.wait(max(0.0, seconds)):
+            raise _Stopped
+
+
+def _sleep(seconds: float, stop: Optional[_Stop] = None) -> None:
+    if stop is not None:
+        stop.wait(seconds)
+    elif seconds > 0:
+        time.sleep(seconds)
+
+
+# -- the transport ---------------------------------------------------------------------------
+
+
+class _Transport:
+    """The one way bytes leave: through the client's own pool of connections, which the watchdog
+    watches, or through a session given to the client; chosen once, when the client is made. The
+    storage host is reached through the pool in either case, with no key, cookie or credential.
+    A child process after fork() opens connections of its own."""
+
+    def __init__(self, base_url: str, session: Optional[requests.Session]) -> None:
+        self._session = session
+        self._pool = _WatchedAdapter(pool_maxsize=POOL_SIZE)
+        self._pid = os.getpid()
+        # Proxies and the CA bundle come from the environment once, not on every call.
+        self._proxies = requests.utils.get_environ_proxies(base_url)
+        self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+
+    def is_ours(self) -> bool:
+        """False in a child process after fork(): what is open belongs to the parent."""
+        return self._pid == os.getpid()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def exchange(self, request: _Request, url: str, timeouts: Tuple[float, float]) -> Union[_Answer, _Failure]:
+        """Send the request once and read its answer (a stream's headers only), by its deadline."""
+        watched = self._session is None or request.call.host == "storage"
+        watch = _WATCHDOG.watch(request.deadline) if watched else None
+        if request.stop is not None:
+            request.stop.hold(watch)
+        kept = False
+        try:
+            response = self._open(request, url, timeouts)
+            answer = _read(response, request, watch)
+            kept = answer.response is not None
+            return answer
+        except _SourceFailed as exc:
+            raise exc.error from None  # the caller's source or on_progress: raised as it was, no retry
+        except _EXCHANGE_FAILURES as exc:
+            return _failure_of(exc, request, url, watch)
+        finally:
+            if watch is not None and not kept:
+                _WATCHDOG.release(watch)
+            elif watch is not None:
+                _WATCHDOG.lift(watch)  # a stream may last longer than any deadline; close() still fires it
+
+    def _open(self, request: _Request, url: str, timeouts: Tuple[float, float]) -> requests.Response:
+        """The answer's headers, its body left to read."""
+        call, headers = request.call, self._headers(request)
+        if call.host == "api" and self._session is not None:
+            return self._session.request(
+                call.method,
+                url,
+                data=request.body,
+                headers=headers,
+                timeout=timeouts,
+                allow_redirects=False,
+                stream=True,
+                auth=_BearerAuth(headers["Authorization"]),  # or ~/.netrc and session.auth would replace the key
+                verify=self._session.verify,  # or $REQUESTS_CA_BUNDLE would win over the session's own
+            )
+        prepared = requests.PreparedRequest()
+        prepared.prepare(method=call.method, url=url, headers=headers, data=request.body)
+        proxies, verify = (self._proxies, self._verify) if call.host == "api" else self._storage_network(url)
+        return self._connections().send(prepared, stream=True, timeout=timeouts, verify=verify, proxies=proxies)
+
+    def _headers(self, request: _Request) -> Dict[str, str]:
+        """The headers of a request: every API call's, with the key, then its own; to the storage
+        host, only its own."""
+        if request.key is None:
+            return {"User-Agent": USER_AGENT, **request.headers}
+        return {
+            "Authorization": "Bearer " + request.key.value,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+            **request.headers,
+        }
+
+    def _storage_network(self, url: str) -> Tuple[Mapping[str, str], Any]:
+        """Proxies and CA bundle for the storage host: a given session's (and the environment's,
+        if it trusts it), else the environment's."""
+        if self._session is not None:
+            network = self._session.merge_environment_settings(url, {}, None, self._session.verify, None)
+            return network["proxies"], network["verify"]
+        return requests.utils.get_environ_proxies(url), self._verify
+
+    def _connections(self) -> _WatchedAdapter:
+        """The pool. A child process after fork() gets a new one: sharing the parent's sockets
+        would mix the two processes' answers (the child's copies are dropped)."""
+        if not self.is_ours():
+            self._pool, self._pid = _WatchedAdapter(pool_maxsize=POOL_SIZE), os.getpid()
+        return self._pool
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """The Authorization header of an API call, as requests' ``auth=``: given so, it keeps a
+    session from putting its own ``auth`` or ``~/.netrc`` credentials in the key's place."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._value
+        return request
+
+
+# What an exchange may raise when the network or the server fails it (anything else is a bug, and raised).
+_EXCHANGE_FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+def _failure_of(exc: BaseException, request: _Request, url: str, watch: Optional[_Watch]) -> _Failure:
+    """What happened to an exchange that raised, told by what the exception is (never by the
+    exceptions that were being handled when it was raised), in words without the key."""
+    if request.stop is not None and request.stop.is_set():
+        return _Failure(_STOPPED, "stopped")
+    if watch is not None and watch.cut:
+        return _Failure(_DEADLINE, "the deadline passed before the whole answer came", timeout=True)
+    text = _foreign_text(exc, request.key)
+    timed_out = isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout))
+    if _nothing_sent(exc):  # in words, not urllib3's pool and connection objects
+        return _Failure(_UNSENT, f"could not connect to {_origin_of(url)}: {_unreachable(text)}", timed_out)
+    return _Failure(_TIMEOUT if timed_out else _LOST, text, timed_out)
+
+
+def _failure_error(request: _Request, failure: _Failure) -> Exception:
+    """The error of an exchange that brought no answer."""
+    if failure.kind == _STOPPED:
+        return _Stopped()
+    cls = APITimeoutError if failure.timeout else APIConnectionError
+    what = ": " if failure.kind == _LATE else " failed: "
+    return cls(f"{request.describe()}{what}{failure.text}", request_id=request.request_id)
+
+
+def _nothing_sent(exc: BaseException) -> bool:
+    """Whether a failure happened before the request left: no connection could be made (refused,
+    timed out, or its host name not resolved), as requests and urllib3 build such a failure."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    failure = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else exc
+    reason = getattr(failure, "reason", failure)  # urllib3's MaxRetryError wraps it
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)  # NameResolutionError is one too
+
+
+def _foreign_text(exc: BaseException, key: Optional[_Key]) -> str:
+    """The text of an exception from requests, urllib3 or http.client, with its type and the key
+    masked (a server may echo the key in a status line or a chunk size, which they quote)."""
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, requests.RequestException) else str(exc)
+    return text.replace(key.value, "***") if key is not None else text
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the server"
+
+
+def _unreachable(text: str) -> str:
+    """Why no connection could be made, in the words of requests' text of it without the pool and
+    connection objects around them ("Failed to establish a new connection: [Errno 111] ...")."""
+    reason = re.search(r"Failed to .*?(?=[\"']\)\)?\Z|\Z)", text)
+    return reason.group(0) if reason else "timed out" if "timed out" in text else text
+
+
+def _redirect_target(call: _Call, answer: _Answer, spent: bool) -> Tuple[Optional[str], str]:
+    """Where a redirect may be followed, or None and why not: only as its row allows, and to the
+    API's own scheme, host and port, so that the key never travels; 307 and 308 keep the method
+    and body, 301, 302 and 303 are followed for a GET only (a POST would become a GET without its
+    inputs). ``spent``: a one-time key, or MAX_REDIRECTS followed already."""
+    status, location = answer.status, answer.headers.get("Location", "")
+    if not 300 <= status < 400:
+        return None, ""
+    if status not in (301, 302, 303, 307, 308) or not location:
+        return None, "it says nowhere to go"
+    if call.redirects == _NONE:
+        return None, "this call follows no redirect"
+    if status in (301, 302, 303) and call.method != "GET":
+        return None, f"a {status} would turn the {call.method} into a GET without its body"
+    target = urljoin(answer.url, location.strip())
+    base = answer.url
+    if _origin(target) is None or _origin(target) != _origin(base):
+        return None, "it leaves the API's scheme, host and port, and the key must not"
+    if spent:
+        return None, (
+            "a one-time key is spent by the first request"
+            if answer.key.startswith(ONE_TIME_KEY_PREFIX)
+            else f"more than {MAX_REDIRECTS} redirects in a row"
+        )
+    api, parts = urlsplit(base), urlsplit(target)
+    return urlunsplit((api.scheme, api.netloc, parts.path, parts.query, "")), ""  # the API's spelling, no fragment
+
+
+def _origin(url: str) -> Optional[Tuple[str, str, int]]:
+    """Scheme, host and port of a URL (the port its scheme's default if none); None if it has a
+    user or password, which requests would send as credentials in place of the key."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme, 0)
+    except ValueError:
+        return None
+    if parts.username is not None or parts.password is not None or not parts.hostname:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
+def _without_query(url: str) -> str:
+    """A URL or path without its query, which for a presigned URL holds the signature."""
+    return url.split("?", 1)[0]
+
+
+def _retry_after(answer: _Answer) -> Optional[float]:
+    """The Retry-After header in seconds (a number or an HTTP date), capped at a minute."""
+    value = answer.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    seconds: float
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
+            return None  # not a date either
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+
+
+# -- the rate gate ---------------------------------------------------------------------------
+
+
+class _RateGate:
+    """What a client's threads share after a 429: a pause, and a limit on runs in flight.
+
+    When the server says "too many", every thread waits until its Retry-After has passed, and
+    the number of runs in flight is halved; each run let through raises the limit again (AIMD,
+    as TCP does). Without the halving, all threads would fire together after every pause.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._pause_until = 0.0
+        self._limit: Optional[float] = None  # runs allowed in flight; None until the first 429
+        self._in_flight = 0
+
+    def enter(self, deadline: float, is_run: bool, stop: Optional[_Stop] = None, held: bool = True) -> bool:
+        """Wait until a call may be sent; False if the deadline came first. ``held``: it waits out a pause."""
+        if not is_run:
+            pause = self._pause_until - time.monotonic() if held else 0.0
+            if pause > 0:
+                _sleep(min(pause, deadline - time.monotonic()), stop)
+            return not _passed(deadline)
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                if now < self._pause_until:
+                    self._changed.wait(min(self._pause_until, deadline) - now)
+                elif self._limit is not None and self._in_flight >= self._limit:
+                    self._changed.wait(deadline - now)
+                else:
+                    break
+            self._in_flight += 1
+            return True
+
+    def leave(self, is_run: bool, succeeded: bool) -> None:
+        if is_run:
+            with self._changed:
+                self._in_flight -= 1
+                if succeeded and self._limit is not None:
+                    self._limit += 1 / self._limit
+                self._changed.notify_all()
+
+    def slow_down(self, seconds: float, is_run: bool) -> None:
+        """A 429, while its call is still counted in flight: pause every thread, and halve the
+        runs in flight, once per pause."""
+        with self._changed:
+            now = time.monotonic()
+            if is_run and now >= self._pause_until:
+                self._limit = max(1.0, self._in_flight / 2)
+            self._pause_until = max(self._pause_until, now + seconds)
+            logger.info("rate limited: every thread waits %.2f s, then at most %s runs in flight", seconds, self._limit)
+
+
+# -- the watchdog and the connections it watches ------------------------------------------------
+
+
+class _Watch:
+    """One call under the watchdog: its deadline, and the connection it has taken from its pool."""
+
+    __slots__ = ("connection", "cut", "deadline", "fired", "live", "wake")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.connection: Any = None
+        self.fired = False  # its deadline passed, or it was stopped: its sockets are shut
+        self.cut = False  # a socket of it has been shut: whatever it read since is cut
+        self.live = True  # on the watchdog's heap
+        self.wake: Optional[threading.Event] = None  # set when it fires: a name lookup waits on it
+
+    def __lt__(self, other: _Watch) -> bool:
+        return self.deadline < other.deadline
+
+
+class _Watchdog:
+    """Stops calls blocked on their sockets. It shuts the socket of a call whose deadline has
+    passed, so that a deadline bounds the whole answer (requests' read timeout bounds each read,
+    and a server that trickles its answer a byte at a time would hold a call for ever); and
+    LogStream.close() has it shut a stream's socket the same way. Once a call is fired, a socket
+    it opens later is shut as soon as it exists. One thread for every client, asleep until the
+    earliest deadline watched."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._heap: List[_Watch] = []
+        self._live = 0
+        self._thread: Optional[threading.Thread] = None
+        self._current = threading.local()  # the watch of the call this thread is making
+
+    def watch(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        with self._changed:
+            heapq.heappush(self._heap, watch)
+            self._live += 1
+            if self._heap[0] is watch:  # the thread sleeps until a later deadline: wake it
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._guard, name="codewords-deadlines", daemon=True)
+                    self._thread.start()
+                self._changed.notify()
+        self._current.watch = watch
+        return watch
+
+    def current(self) -> Optional[_Watch]:
+        return getattr(self._current, "watch", None)
+
+    def attach(self, connection: Any) -> Any:
+        """Note the connection that this thread's call has just taken from its pool."""
+        watch = self.current()
+        if watch is not None:
+            with self._changed:
+                watch.connection, connection.watch = connection, watch
+                if watch.fired:
+                    self._shut(watch)
+        return connection
+
+    def detach(self, connection: Any) -> Any:
+        """Note that a call gives its connection back to its pool: from now on the watchdog does
+        not shut it, as another call may take it (the lock makes the two exclusive)."""
+        with self._changed:
+            watch = getattr(connection, "watch", None)
+            if watch is not None and watch.connection is connection:
+                watch.connection = None
+            connection.watch = None
+        return connection
+
+    def fire(self, watch: _Watch) -> None:
+        """Shut the call's socket now, or as soon as it has one."""
+        with self._changed:
+            watch.fired = True
+            self._shut(watch)
+            if watch.wake is not None:
+                watch.wake.set()
+
+    def wait(self, watch: Optional[_Watch], done: threading.Event) -> None:
+        """Wait for ``done``, but not past the watch's deadline, nor once it is fired."""
+        if watch is None:
+            done.wait()
+            return
+        with self._changed:
+            if watch.fired:
+                return
+            watch.wake = done
+        done.wait(max(0.0, watch.deadline - time.monotonic()))
+
+    def lift(self, watch: _Watch) -> None:
+        """Take a stream off the deadline once its answer has begun; fire() still stops it."""
+        self._current.watch = None
+        with self._changed:
+            if watch.live:
+                watch.live = False
+                self._live -= 1
+
+    def release(self, watch: _Watch) -> None:
+        self.lift(watch)
+        with self._changed:
+            watch.connection = None
+            if len(self._heap) > 2 * self._live + 64:  # drop the finished calls now and then
+                self._heap = [w for w in self._heap if w.live]
+                heapq.heapify(self._heap)
+
+    def forget_after_fork(self) -> None:
+        """The thread does not survive a fork: a child starts afresh."""
+        self.__init__()  # type: ignore[misc]
+
+    def _shut(self, watch: _Watch) -> None:
+        """Under the lock: shut the socket the call's connection uses, if it has one."""
+        sock = watch.connection.socket_in_use() if watch.connection is not None else None
+        if sock is not None:
+            watch.cut = True
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # a blocked recv() returns at once
+            except OSError:
+                pass  # already closed
+
+    def _guard(self) -> None:
+        with self._changed:
+            while True:
+                while self._heap and not self._heap[0].live:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._changed.wait()
+                    continue
+                left = self._heap[0].deadline - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                watch = heapq.heappop(self._heap)
+                watch.fired = True
+                self._shut(watch)
+                if watch.wake is not None:
+                    watch.wake.set()
+
+
+_WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHDOG.forget_after_fork)
+
+
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    """A connection whose socket the watchdog can shut at any step: while its name is looked up
+    (by the deadline, on a thread of its own), while it connects, while its answer comes, and
+    after http.client has let go of it to hand it to an answer whose body ends with the connection."""
+
+    watch: Optional[_Watch] = None
+    _held: Any = None  # the socket being connected, or handed over to an answer's body
+
+    def socket_in_use(self) -> Any:
+        return self.sock or self._held
+
+    def close(self) -> None:
+        self._held = self.sock
+        super().close()
+
+    def _new_conn(self) -> socket.socket:
+        """A connected socket, as urllib3 makes it, but known to the watchdog before it connects."""
+        watch, self._held = _WATCHDOG.current(), None
+        host = self._dns_host.strip("[]")
+        try:
+            addresses = _resolve(host, self.port, watch)
+            error: Optional[OSError] = None
+            for family, kind, proto, _, address in addresses:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    self._prepare(sock)
+                    sock.connect(address)
+                    return sock
+                except OSError as exc:
+                    error = exc
+                    sock.close()
+            raise error or OSError(f"no address found for {host}")
+        except socket.timeout as exc:
+            raise urllib3.exceptions.ConnectTimeoutError(self, f"Connection to {self.host} timed out: {exc}") from exc
+        except OSError as exc:
+            raise urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+
+    def _prepare(self, sock: socket.socket) -> None:
+        """Set a new socket up as urllib3 would, and hand it to the watchdog (shut at once if fired)."""
+        for option in self.socket_options or ():
+            sock.setsockopt(*option)
+        if isinstance(self.timeout, (int, float)):
+            sock.settimeout(self.timeout)
+        if self.source_address:
+            sock.bind(self.source_address)
+        with _WATCHDOG._changed:
+            self._held = sock
+            if self.watch is not None and self.watch.fired:
+                raise socket.timeout("the call was stopped before it connected")
+
+
+def _resolve(host: str, port: int, watch: Optional[_Watch]) -> List[Any]:
+    """getaddrinfo by the call's deadline: a name is looked up on a thread of its own, so that a
+    resolver that stalls cannot hold the call past it (an IP address needs no lookup)."""
+    family = urllib3.util.connection.allowed_gai_family()
+    try:
+        ipaddress.ip_address(host)
+        return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except ValueError:
+        pass
+    found: List[Any] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name="codewords-resolve", daemon=True).start()
+    _WATCHDOG.wait(watch, done)
+    if not found:
+        raise socket.timeout(f"looking up {host} outlived the deadline")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    return found[0]  # type: ignore[no-any-return]
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _WatchedPool(urllib3.HTTPConnectionPool):
+    """A pool that tells the watchdog which connection a call takes, and when it gives it back."""
+
+    ConnectionCls = _WatchedConnection
+
+    def _get_conn(self, timeout: Optional[float] = None) -> Any:
+        return _WATCHDOG.attach(super()._get_conn(timeout))
+
+    def _put_conn(self, conn: Any) -> None:
+        super()._put_conn(_WATCHDOG.detach(conn) if conn is not None else conn)
+
+
+class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, with pools that tell the watchdog which connection a call uses."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
+_WATCHED_POOLS = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
+# -- answers: whole or not, decoded, and the errors made of them -------------------------------
+
+_BLOCK = 64 << 10  # the most bytes read from a socket, or decoded from a block, at once
+_OUTPUT_FIELDS = ("responseStatus", "responseJson", "responseContent")  # a finished record has one
+_CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
+_XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
+_XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
+_STATUS_ERRORS = {
+    401: AuthenticationError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    429: RateLimitError,
+    504: GatewayTimeout,
+}
+
+
+class _Cut(requests.ConnectionError):
+    """An answer that did not come whole: shorter than its Content-Length, an encoded body that
+    stopped before its end, or one cut by the watchdog. Never taken for the answer."""
+
+
+def _read(response: requests.Response, request: _Request, watch: Optional[_Watch]) -> _Answer:
+    """The answer to a request, its body read whole and decoded (a 2xx stream's left open, to be
+    read as it comes). An answer cut short, or by the watchdog, raises: it is never an answer."""
+    key = request.key.value if request.key is not None else ""
+    status, reason = response.status_code, _masked(response.reason or "", key)
+    if request.call.stream and status < 300:
+        return _Answer(status, reason, response.headers, b"", response.url, key, response, watch)
+    limit = OUTPUT_MAX if request.call.read == "run" or request.call in (_RESULT, _RECORD) else CONTROL_MAX
+    try:
+        body = _whole_body(response, CONTROL_MAX if status >= 300 else limit, cut=status >= 300)
+    except _TooLarge as exc:
+        raise APIStatusError(
+            f"{status} from {request.describe()}: the answer is larger than {exc.limit >> 20} MiB, which no answer"
+            f" of {'a run' if limit == OUTPUT_MAX else 'the API'} should be",
+            status_code=status,
+            request_id=request.request_id,
+        ) from None
+    finally:
+        response.close()
+    if watch is not None and watch.cut:
+        raise _Cut("the deadline passed before the whole answer came")
+    return _Answer(status, reason, response.headers, body, response.url, key)
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _whole_body(response: requests.Response, limit: int, cut: bool = False) -> bytes:
+    """An answer's whole body, decoded from its Content-Encoding: _Cut if it is shorter than its
+    Content-Length or its encoding did not end; beyond ``limit`` bytes, _TooLarge, or with
+    ``cut`` its first ``limit`` bytes (an error's detail needs no more)."""
+    if not callable(getattr(response.raw, "stream", None)):  # a session's own adapter, not urllib3's
+        return response.content[: limit if cut else None]
+    decoder = _Decoder(response.headers.get("Content-Encoding", ""))
+    pieces: List[bytes] = []
+    size = received = 0
+    for block in response.raw.stream(_BLOCK, decode_content=False):
+        received += len(block)
+        for piece in decoder.feed(block):
+            size += len(piece)
+            pieces.append(piece)
+            if size > limit:
+                if cut:
+                    return b"".join(pieces)[:limit]
+                raise _TooLarge(limit)
+    _check_length(response, received)
+    pieces.append(decoder.end())
+    return b"".join(pieces)
+
+
+def _check_length(response: requests.Response, received: int) -> None:
+    """_Cut if a body ended short of its Content-Length (urllib3 before 2.0 lets it through)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and received < int(declared):
+        raise _Cut(f"the connection closed after {received} of {declared} bytes of the answer")
+
+
+class _Decoder:
+    """Undoes a body's Content-Encoding as its blocks come: gzip and deflate, which the client
+    asks for; any other is refused, and an encoded body must reach its end."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding.strip().lower()
+        if self.encoding in ("", "identity"):
+            self._inflate: Any = None
+        elif self.encoding in ("gzip", "x-gzip", "deflate"):
+            self._inflate = self._new()
+        else:
+            raise _Unreadable(f"the answer came in Content-Encoding {encoding!r}, which the client did not ask for")
+
+    def feed(self, block: bytes) -> Iterator[bytes]:
+        """What a block decodes to, in pieces of at most _BLOCK bytes: a small block may hold a lot."""
+        if self._inflate is None:
+            yield block
+            return
+        data = block
+        while data:
+            try:
+                piece = self._inflate.decompress(data, _BLOCK)
+            except zlib.error as exc:
+                raise _Cut(f"the answer's {self.encoding} encoding is broken ({exc})") from None
+            data = self._inflate.unconsumed_tail
+            if self._inflate.eof and self._inflate.unused_data:  # gzip members one after another
+                data, self._inflate = self._inflate.unused_data, self._new()
+            if piece:
+                yield piece
+
+    def end(self) -> bytes:
+        """What is left once the body has ended: _Cut if it stopped before the encoding's end."""
+        if self._inflate is None:
+            return b""
+        rest = self._inflate.flush()
+        if not self._inflate.eof:
+            raise _Cut(f"the answer's {self.encoding} encoding stopped before its end: the answer was cut short")
+        return rest  # type: ignore[no-any-return]
+
+    def _new(self) -> Any:
+        return zlib.decompressobj(zlib.MAX_WBITS | 32)  # a gzip or a zlib header, told by its first bytes
+
+
+class _Unreadable(CodewordsError):
+    """An answer in an encoding the client cannot read."""
+
+
 def _decode(content: Union[bytes, str]) -> Any:
     """A body as decoded JSON, else as text, and None when empty."""
     if not content:
         return None
     try:
-        return json.loads(content)
-    except RecursionError:
-        raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+        return _json_value(content)
     except ValueError:
         return content.decode("utf-8", "replace") if isinstance(content, bytes) else content
 
 
-def _output_of(response: requests.Response) -> Any:
+def _json_value(content: Union[bytes, str]) -> Any:
+    """JSON decoded, or ValueError; CodewordsError if nested too deeply to read."""
+    try:
+        return json.loads(content)
+    except RecursionError:
+        raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+
+
+def _output_of(answer: _Answer) -> Any:
     """A workflow's answer as its Content-Type says: JSON decoded, ``text/*`` as str in its
     charset (UTF-8 if it names none), anything else as bytes; with no type, JSON if it parses,
     else bytes. An empty body is None."""
-    content = response.content
+    content = answer.body
     if not content:
         return None
-    media_type, _, parameters = response.headers.get("Content-Type", "").partition(";")
+    media_type, _, parameters = answer.headers.get("Content-Type", "").partition(";")
     media_type = media_type.strip().lower()
     charset = _CHARSET.search(parameters)
     encoding = charset.group(1) if charset else "utf-8"
@@ -1348,9 +1801,7 @@ def _output_of(response: requests.Response) -> Any:
         return _decoded_text(content, encoding)
     if not media_type:
         try:
-            return json.loads(content)
-        except RecursionError:
-            raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+            return _json_value(content)
         except ValueError:
             pass
     return content
@@ -1364,21 +1815,44 @@ def _decoded_text(content: bytes, encoding: str) -> str:
         return content.decode("utf-8", "replace")
 
 
-def _answer(response: requests.Response) -> Any:
+def _value_of(answer: _Answer) -> Any:
     """An API answer's body, decoded, with the key its request carried masked: the only way to
     read an answer that may end up in an exception or a log record."""
-    return _without_key(_decode(response.content), response)
+    return _masked(_decode(answer.body), answer.key)
 
 
-def _without_key(value: Any, response: requests.Response) -> Any:
-    """The value with the API key sent in the answered request replaced by *** in every string.
+def _status_error(request: _Request, answer: _Answer, why: str) -> APIStatusError:
+    """The APIStatusError for an HTTP error answer, with the server's message in its text."""
+    status, storage = answer.status, request.call.host == "storage"
+    if storage:  # S3 answers in XML
+        body: Any = _masked(answer.body.decode("utf-8", "replace"), answer.key)
+        detail: Any = _storage_detail(body, answer.body)
+    else:
+        body = _value_of(answer)
+        detail = body.get("detail") if isinstance(body, dict) and "detail" in body else body
+    message = f"{status} {answer.reason} from {request.describe()}".replace("  ", " ")
+    if 300 <= status < 400:
+        location = _masked(answer.headers.get("Location"), answer.key)
+        message += f": redirected to {location!r}, which is not followed: {why}"
+    elif detail not in (None, ""):
+        message += ": " + _describe(detail)
+    if request.request_id:
+        message += f" (request {request.request_id})"
+    cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
+    if answer.headers.get("Error-Origin") == "service":
+        cls = RunFailed  # the workflow's own answer, not the API's
+    error = cls(message, status_code=status, detail=detail, body=body, request_id=request.request_id)
+    if isinstance(error, RateLimitError):
+        error.retry_after = _retry_after(answer)
+    return error
 
-    A server may echo the key back: mask whatever an answer puts in an exception's text,
-    ``detail`` or ``body`` or in a log record, before it is cut short or escaped.
-    """
-    sent = response.request.headers.get("Authorization", "") if response.request is not None else ""
-    key = sent[len("Bearer ") :] if sent.startswith("Bearer ") else sent
-    return _masked(value, key) if key else value
+
+def _storage_detail(text: str, content: bytes) -> Any:
+    """The storage host's own message: S3's XML Code and Message, else the body decoded."""
+    code, message = _XML_CODE.search(text), _XML_MESSAGE.search(text)
+    if code or message:
+        return ": ".join(m.group(1).strip() for m in (code, message) if m)
+    return _describe(_decode(content)) if content else ""
 
 
 def _describe(detail: Any) -> str:
@@ -1399,6 +1873,8 @@ def _describe(detail: Any) -> str:
 def _masked(value: Any, secret: str) -> Any:
     """The value with every occurrence of the secret in its strings replaced by ***: a copy of
     its lists and dicts made without recursion, so that no depth of nesting is too deep."""
+    if not secret:
+        return value
 
     def copied(item: Any) -> Any:
         if isinstance(item, str):
@@ -1420,29 +1896,29 @@ def _masked(value: Any, secret: str) -> Any:
     return top
 
 
-def _request_id_in(response: requests.Response) -> str:
+def _request_id_in(answer: _Answer) -> str:
     """The ``request_id`` of an answer to /run_async or /provision-request."""
-    body = _answer(response)
+    body = _value_of(answer)
     request_id = body.get("request_id") if isinstance(body, dict) else None
     try:
         return _check_name("request id", request_id)
     except ConfigurationError:
         raise APIStatusError(
-            f"{response.status_code} from {response.request.method} {_strip_query(response.request.path_url)}:"
-            f" expected a JSON object with a request_id, got {_describe(body)}",
-            status_code=response.status_code,
+            f"{answer.status} from {urlsplit(answer.url).path}: expected a JSON object with a request_id,"
+            f" got {_describe(body)}",
+            status_code=answer.status,
             body=body,
         ) from None
 
 
-def _record_in(response: requests.Response, request_id: str) -> Dict[str, Any]:
+def _record_in(answer: _Answer, request_id: str) -> Dict[str, Any]:
     """The request record in an answer, which must be a JSON object (the key masked in it, as
     it may end up in a RunFailed)."""
-    record = _answer(response)
+    record = _value_of(answer)
     if not isinstance(record, dict):
         raise APIStatusError(
-            f"{response.status_code} with a request record that is not a JSON object: {_describe(record)}",
-            status_code=response.status_code,
+            f"{answer.status} with a request record that is not a JSON object: {_describe(record)}",
+            status_code=answer.status,
             body=record,
             request_id=request_id,
         )
@@ -1481,265 +1957,226 @@ def _response_status(record: Dict[str, Any]) -> Optional[int]:
     return status if isinstance(status, int) and not isinstance(status, bool) else None
 
 
-def _nothing_sent(exc: requests.RequestException) -> bool:
-    """Whether a failure happened before the request left: no connection could be made (refused,
-    timed out, or its host name not resolved). Told by what the failure is, as requests and urllib3
-    build it, never by the exceptions that were being handled when it was raised."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    failure = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else None
-    reason = getattr(failure, "reason", failure)  # urllib3's MaxRetryError wraps it
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)  # NameResolutionError is one too
+def _finished(record: Dict[str, Any]) -> bool:
+    return bool(record.get("completedAt")) or record.get("responseStatus") is not None
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and every exception it holds: its causes, contexts, reasons and arguments."""
-    seen = set()
-    todo = [exc]
-    while todo:
-        error = todo.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        yield error
-        todo.extend(
-            e
-            for e in (error.__cause__, error.__context__, getattr(error, "reason", None))
-            if isinstance(e, BaseException)
-        )
-        todo.extend(a for a in error.args if isinstance(a, BaseException))
+# ---------------------------------------------------------------------------------------------
+# Runs and waiting: a run's plan, its send and its fallback, the long poll, and its logs meanwhile
+# ---------------------------------------------------------------------------------------------
 
 
-def _foreign_text(exc: BaseException, key: str) -> Tuple[str, Optional[BaseException]]:
-    """The text of an exception from requests, urllib3 or http.client, with the key masked, and
-    the exception to chain as ``__cause__``: None if the key is in its text or a cause's (a
-    server may echo it in a status line or a chunk size), and then its type name is in the text."""
-    text = str(exc)
-    if not any(key in str(error) or key in repr(error.args) for error in _causes(exc)):
-        return text, exc
-    return f"{type(exc).__name__}: {text.replace(key, '***')}", None
+class _RunPlan(NamedTuple):
+    """What a blocking run will send and do, decided before anything is sent (see Client._plan)."""
+
+    service_id: str
+    path: str
+    method: str
+    url_path: str
+    body: Optional[bytes]
+    headers: Dict[str, str]  # the run's own: the client's and the call's
+    key: _Key
+    fallback: Optional[str]
+    on_log: Optional[Callable[[LogEntry], Any]]
+    admit: Optional[Callable[[_Sent], None]] = None  # a map's: lets the run be sent, unless the map has stopped
+
+    def given(self, inputs: Any) -> _RunPlan:
+        """The plan with its inputs: the body of a POST, or the query of a GET."""
+        if self.method == "GET":
+            return self._replace(url_path=self.url_path + _query_of(inputs))
+        return self._replace(body=_encode_inputs(inputs))
+
+    @property
+    def needs_id(self) -> bool:
+        """Whether the run needs a provisioned request id: to resume a 504, or to follow its logs."""
+        return self.fallback == "resume" or self.on_log is not None
 
 
-def _check_complete(response: requests.Response) -> None:
-    """Read the body now and raise ConnectionError if it is shorter than its Content-Length,
-    which urllib3 before 2.0 lets through, so that a cut answer is retried, not decoded."""
-    declared = response.headers.get("Content-Length", "")
-    received = len(response.content)
-    if declared.isdigit() and "Content-Encoding" not in response.headers and received < int(declared):
-        raise requests.ConnectionError(f"the connection closed after {received} of {declared} bytes of the answer")
+class _Sent:
+    """The request ids of what a run() has sent: its run, and before it the runs a rerun replaced,
+    which may go on too (None for a run sent without an id)."""
+
+    def __init__(self, request_id: Optional[str]) -> None:
+        self.ids: List[Optional[str]] = [request_id]
+        self.sending = False  # once its id is known: the run may be on its way
+
+    @property
+    def current(self) -> Optional[str]:
+        return self.ids[-1]
+
+    def interrupted(self, service_id: str) -> str:
+        """The message of a KeyboardInterrupt during the run."""
+        what = f"run of {service_id}"
+        message = _interrupted(what, self.current) if self.sending else f"{what} interrupted before it was sent"
+        for replaced in self.ids[:-1]:
+            message += f"; the run it reran ({replaced or 'sent without a request id'}) may go on too"
+        return message
 
 
-def _is_transport_failure(exc: requests.RequestException) -> bool:
-    """A dropped connection, a timeout or a truncated body: worth asking again if it is safe."""
-    return isinstance(
-        exc,
-        (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.ContentDecodingError,
-        ),
+def _run(client: Client, plan: _RunPlan, deadline: float, request_id: Optional[str]) -> Any:
+    """A planned run: its request id provisioned if it needs one, its logs followed while it goes
+    on, and its output. Ctrl-C says whether it was sent and how to pick it up."""
+    sent = _Sent(request_id)
+    follower = _LogFollower(client, plan.key, plan.on_log) if plan.on_log is not None else None
+    with _waiting(follower, deadline, lambda: sent.interrupted(plan.service_id)):
+        if request_id is None and plan.needs_id:
+            sent.ids[-1] = _provision_for_run(client, plan.key, deadline)
+        sent.sending = True
+        if follower is not None:
+            follower.follow(sent.current)
+        return _send_run(client, plan, deadline, sent, follower)
+
+
+@contextlib.contextmanager
+def _waiting(follower: Optional[_LogFollower], deadline: float, interrupted: Callable[[], str]) -> Iterator[None]:
+    """While a run is waited for: Ctrl-C raises KeyboardInterrupt saying how to pick it up, and
+    its log stream is finished at the end, drained (up to the deadline) if the run has ended."""
+    ended = False
+    try:
+        yield
+        ended = True
+    except RunFailed:
+        ended = True
+        raise
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted()) from None
+    finally:
+        if follower is not None:
+            follower.finish(deadline if ended else None)
+
+
+def _send_run(client: Client, plan: _RunPlan, deadline: float, sent: _Sent, follower: Optional[_LogFollower]) -> Any:
+    """POST /run (or a GET), and what its answer leads to: its output, the answer of the workflow
+    that its record holds, or the plan's fallback when the answer was lost."""
+    request_id = sent.current
+    headers = {**plan.headers, PROVISION_HEADER: request_id} if request_id else plan.headers
+    admit = plan.admit
+    request = _Request(
+        _RUN_GET if plan.method == "GET" else _RUN_POST,
+        plan.url_path,
+        plan.key,
+        deadline,
+        body=plan.body,
+        headers=headers,
+        request_id=request_id,
+        admit=(lambda: admit(sent)) if admit is not None else None,
+    )
+    try:
+        return _output_of(client._send(request))
+    except _Unanswered as unanswered:
+        if unanswered.record is not None:
+            _raise_as_the_workflows(unanswered.error, unanswered.record, request_id)  # type: ignore[arg-type]
+        return _fall_back(client, plan, deadline, sent, follower, unanswered.error)
+
+
+def _raise_as_the_workflows(error: CodewordsError, record: Dict[str, Any], request_id: str) -> None:
+    """An error answer to a run whose record shows it started: RunFailed, the workflow's own
+    answer; unless the record shows the run succeeded (the error was the gateway's)."""
+    status = _response_status(record)
+    if status is not None and status < 400:
+        error.args = (f"{error}; the run itself succeeded: {_pick_up(request_id)}",)
+        raise error
+    assert isinstance(error, APIStatusError)
+    raise RunFailed(
+        f"{error} (the workflow's own answer: the run had started)",
+        status_code=error.status_code,
+        detail=error.detail,
+        body=error.body,
+        request_id=request_id,
+        record=record,
     )
 
 
-def _connection_error(
-    method: str, url_path: str, exc: requests.RequestException, request_id: Optional[str], key: str
-) -> APIConnectionError:
-    """The error for a failed exchange, with ``exc`` as its ``__cause__`` unless it carries the key."""
-    text, cause = _foreign_text(exc, key)
-    if _nothing_sent(exc):  # in words, not urllib3's pool and connection objects
-        text = f"could not connect to {_host_of(exc)}: {_unreachable(text)}"
-    cls = APITimeoutError if isinstance(exc, requests.Timeout) else APIConnectionError
-    error = cls(f"{method} {_strip_query(url_path)} failed: {text}", request_id=request_id)
-    error.__cause__ = cause
-    return error
+def _fall_back(
+    client: Client, plan: _RunPlan, deadline: float, sent: _Sent, follower: Optional[_LogFollower], error: Exception
+) -> Any:
+    """A run whose answer was lost (a 504 from the gateway, a read timeout), as its fallback says:
+    "resume" waits for it by its id, "rerun" starts its inputs again with run_async, None raises."""
+    request_id = sent.current
+    if _passed(deadline):
+        raise _run_timeout(plan.service_id, request_id) from error
+    if plan.fallback == "resume" and request_id:
+        logger.info("blocking run %s cut short (%s); waiting for it by its id", request_id, error)
+        return _output(_wait_for_record(client, plan.key, request_id, deadline), request_id)
+    if plan.fallback != "rerun":
+        raise error
+    logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, error)
+    if follower is not None:
+        follower.follow(None)  # only the run whose output is returned streams its logs
+    sent.ids.append(None)  # until the rerun's answer names it
+    admit = plan.admit
+    url_path = _service_path(_START_RUN, plan.service_id, plan.path)
+    rerun = _Request(
+        _START_RUN, url_path, plan.key, deadline, plan.body, plan.headers, admit=admit and (lambda: admit(sent))
+    )
+    sent.ids[-1] = request_id = _request_id_in(client._send(rerun))
+    if follower is not None:
+        follower.follow(request_id)
+    return _output(_wait_for_record(client, plan.key, request_id, deadline), request_id)
 
 
-def _host_of(exc: requests.RequestException) -> str:
-    url = getattr(exc.request, "url", None) or ""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the server"
-
-
-def _unreachable(text: str) -> str:
-    """Why no connection could be made, in the words of requests' text of it without the pool and
-    connection objects around them ("Failed to establish a new connection: [Errno 111] ...")."""
-    reason = re.search(r"Failed to .*?(?=[\"']\)\)?\Z|\Z)", text)
-    return reason.group(0) if reason else "timed out" if "timed out" in text else text
-
-
-class _BearerAuth(requests.auth.AuthBase):
-    """The Authorization header of an API call, as requests' ``auth=``: given so, it keeps a
-    session from putting its own ``auth`` or ``~/.netrc`` credentials in the key's place."""
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = self._value
-        return request
-
-
-def _retry_after(response: requests.Response) -> Optional[float]:
-    """The Retry-After header in seconds (a number or an HTTP date), capped at a minute."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    seconds: float
+def _provision_for_run(client: Client, key: _Key, deadline: float) -> Optional[str]:
+    """A request id for a run about to be sent, or None if the API says it offers none (404, 405,
+    501). Any other failure is raised: a run sent without an id would meet the same network."""
     try:
-        seconds = float(value)
-    except ValueError:
+        return _request_id_in(client._send(_Request(_PROVISION_FOR_RUN, _PROVISION.path, key, deadline)))
+    except AuthenticationError as exc:
+        raise AuthenticationError(
+            f"the API key was refused ({exc.status_code}): {_describe(exc.detail)}",
+            status_code=exc.status_code,
+            detail=exc.detail,
+            body=exc.body,
+        ) from None
+    except APIConnectionError as exc:  # the run has not been sent: say so, not which call failed
+        raise type(exc)(f"the run was not sent: provisioning its request id failed: {exc}") from None
+    except APIStatusError as exc:
+        if exc.status_code not in (404, 405, 501):
+            raise
+        logger.warning("the API offers no request ids (%s); a 504 will not be resumable", exc)
+        return None
+
+
+def _wait(
+    client: Client, key: _Key, request_id: str, deadline: float, on_log: Optional[Callable[[LogEntry], Any]]
+) -> Dict[str, Any]:
+    """The record of a run once it has finished, its logs followed meanwhile (Run.wait)."""
+    if on_log is not None:
+        key.refuse("on_log streams logs")
+    follower = _LogFollower(client, key, on_log) if on_log is not None else None
+    with _waiting(follower, deadline, lambda: _interrupted("wait", request_id)):
+        if follower is not None:
+            follower.follow(request_id)
+        return _wait_for_record(client, key, request_id, deadline)
+
+
+def _wait_for_record(client: Client, key: _Key, request_id: str, deadline: float) -> Dict[str, Any]:
+    """Long-poll GET /result until the run finishes, and return its record. A server that says
+    "not yet" without holding the poll is asked again after a pause, not in a loop."""
+    quick = _Attempts(0, POLL_BACKOFF)  # polls answered at once, in a row
+    while True:
+        hold = min(LONG_POLL_MAX, max(1, math.ceil(deadline - time.monotonic())))
+        path = _RESULT.at(request_id=request_id, hold=str(hold))
+        request = _Request(_RESULT, path, key, deadline, request_id=request_id, read_timeout=hold + LONG_POLL_MARGIN)
+        asked, attempts = time.monotonic(), _Attempts(client.max_retries, RETRY_BACKOFF)
         try:
-            when = email.utils.parsedate_to_datetime(value)
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=datetime.timezone.utc)
-            seconds = when.timestamp() - time.time()
-        except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
-            return None  # not a date either
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
-
-
-def _backoff(attempt: int) -> float:
-    """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s ... never above 8 s."""
-    first, longest = RETRY_BACKOFF
-    return min(first * 2.0**attempt, longest) * random.uniform(0.5, 1.0)
-
-
-def _sleep_until_at_most(seconds: float, deadline: float) -> None:
-    time.sleep(max(0.0, min(seconds, deadline - time.monotonic())))
-
-
-def _redirect_target(base_url: str, method: str, response: requests.Response) -> Tuple[Optional[str], str]:
-    """Where a redirect may be followed, or None and why not: to the API's own scheme, host and
-    port only, so that the key never travels; 307 and 308 keep the method and body, 301, 302 and
-    303 are followed for a GET only (a POST would become a GET without its inputs)."""
-    status, location = response.status_code, response.headers.get("Location", "")
-    if status not in (301, 302, 303, 307, 308) or not location:
-        return None, "it says nowhere to go"
-    if status in (301, 302, 303) and method != "GET":
-        return None, f"a {status} would turn the {method} into a GET without its body"
-    target = urljoin(response.url or base_url, location.strip())
-    if _origin(target) is None or _origin(target) != _origin(base_url):
-        return None, "it leaves the API's scheme, host and port, and the key must not"
-    api, parts = urlsplit(base_url), urlsplit(target)
-    return urlunsplit((api.scheme, api.netloc, parts.path, parts.query, "")), ""  # the API's spelling, no fragment
-
-
-def _origin(url: str) -> Optional[Tuple[str, str, int]]:
-    """Scheme, host and port of a URL (the port its scheme's default if none); None if it has a
-    user or password, which requests would send as credentials in place of the key."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme, 0)
-    except ValueError:
-        return None
-    if parts.username is not None or parts.password is not None or not parts.hostname:
-        return None
-    return parts.scheme.lower(), parts.hostname.lower(), port
-
-
-def _strip_query(url_path: str) -> str:
-    return url_path.split("?", 1)[0]
-
-
-def _without_query(url: str) -> str:
-    """A URL without its query, which for a presigned URL holds the signature."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-# -- runs ----------------------------------------------------------------------------------------
-
-_RUN, _START = "run", "start"  # the kinds of call that start a workflow: POST /run, POST /run_async
-_PROVISION = "provision"  # POST /provision-request for a run about to be sent
-# What _judge says to do after a failure: send again, raise, ask the record whether the run
-# started (send again if not), ask it whose answer it was (raise either way), or fall back.
-_RESEND, _RAISE, _ASK, _CHECK, _CUT = "resend", "raise", "ask", "check", "cut"
-_ONE_REQUEST = "{}, and a one-time key allows one request"
-_TIMEOUT_MIN = 0.001  # a deadline closer than this has passed: requests refuses a timeout of 0
-
-
-class _RunPlan:
-    """What one blocking run will do, decided before anything is sent."""
-
-    def __init__(
-        self,
-        service_id: str,
-        path: str,
-        url_path: str,
-        body: Optional[bytes],
-        fallback: Optional[str],
-        deadline: float,
-        request_id: Optional[str],
-        provision: bool,
-        on_log: Optional[Callable[[LogEntry], Any]],
-    ) -> None:
-        self.service_id, self.path, self.url_path, self.body = service_id, path, url_path, body
-        self.fallback, self.deadline, self.request_id = fallback, deadline, request_id
-        self.provision = provision  # a request id is to be provisioned before the run is sent
-        self.on_log = on_log
-        self.admit: Optional[Callable[[], None]] = None  # called before each send: map's stop
-        self.method = "POST"
-        self.headers: Dict[str, str] = {}  # the run's own: the client's and the call's
-        self.follower: Optional[_LogFollower] = None  # streaming the logs of the run sent
-        self.cut_short: List[Optional[str]] = []  # the request ids of runs sent before a rerun, which may go on
-
-
-class _CutShort(Exception):
-    """POST /run left, and its answer was lost (a 504 from the gateway, a read timeout): the
-    run may go on. Raised by _request, caught by _run, never seen by a caller."""
-
-    def __init__(self, error: CodewordsError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class _MapGate:
-    """What a map's threads share: whether it has stopped, and which of its runs have been sent."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stopped = False
-        self._sent: Dict[int, _RunPlan] = {}  # item index -> its run, once sent and while it goes on
-
-    def check(self) -> None:
-        if self._stopped:
-            raise CodewordsError("not sent: the map has stopped")
-
-    def admit(self, index: int, plan: _RunPlan) -> None:
-        """Let a run of the map be sent, unless the map has stopped."""
-        with self._lock:
-            self.check()
-            self._sent[index] = plan
-
-    def finished(self, index: int) -> None:
-        with self._lock:
-            self._sent.pop(index, None)
-
-    def stop(self) -> List[Tuple[int, Optional[str]]]:
-        """Let no more runs be sent; the runs that were sent and may go on (a rerun's first run
-        too), by item index, with their request ids (None if it is not known)."""
-        with self._lock:
-            self._stopped = True
-            return [(i, r) for i, plan in sorted(self._sent.items()) for r in [*plan.cut_short, plan.request_id]]
-
-
-def _timeouts(deadline: float, connect: float, read: float) -> Optional[Tuple[float, float]]:
-    """The (connect, read) timeouts of a call, cut to what is left before its deadline; None if
-    it has passed."""
-    left = deadline - time.monotonic()
-    return None if left < _TIMEOUT_MIN else (min(connect, left), min(read, left))
-
-
-def _passed(deadline: float) -> bool:
-    """Whether a deadline has passed, or is too close for one more request (see _timeouts)."""
-    return deadline - time.monotonic() < _TIMEOUT_MIN
-
-
-def _finished(record: Dict[str, Any]) -> bool:
-    return bool(record.get("completedAt")) or record.get("responseStatus") is not None
+            answer = client._send(request, attempts)
+        except (APIConnectionError, RateLimitError, ServerError) as exc:
+            if _passed(deadline) or attempts.out_of_time:  # it would have been sent again, but for the deadline
+                raise _run_timeout(None, request_id) from exc
+            raise
+        if answer.status < 300:
+            record = _record_in(answer, request_id)
+            if _finished(record):
+                return record
+        if key.once:
+            raise _run_timeout(None, request_id, "the one poll a one-time key allows")
+        if _passed(deadline):
+            raise _run_timeout(None, request_id)
+        if time.monotonic() - asked >= HELD_POLL_MIN:
+            quick.made = 0
+        else:
+            _sleep(min(quick.pause(), deadline - time.monotonic()))
+            quick.made += 1
 
 
 def _pick_up(request_id: str) -> str:
@@ -1763,249 +2200,167 @@ def _interrupted(what: str, request_id: Optional[str]) -> str:
     return f"{what} interrupted; run {request_id} goes on if it was sent: {_pick_up(request_id)}"
 
 
-# -- deadlines -----------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# map: many runs at once, as Executor.map, stopped by its first failure, Ctrl-C or close()
+# ---------------------------------------------------------------------------------------------
 
 
-class _Watch:
-    """One call watched by the watchdog, with the connection it uses once it has one."""
+class _Mapper:
+    """One map(): its plan, made once, and the runs of its items on a pool of threads."""
 
-    __slots__ = ("connection", "deadline", "fired", "live")
+    def __init__(self, client: Client, plan: _RunPlan, seconds: float, workers: int, return_exceptions: bool) -> None:
+        self._client, self._plan, self._seconds, self._workers = client, plan, seconds, workers
+        self._return_exceptions = return_exceptions
+        self._gate = _MapGate()
+        self._window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
+        self._counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
+        self._reading = True
+        self._done = 0
 
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.connection: Any = None
-        self.fired = False
-        self.live = True
+    def outputs(
+        self,
+        inputs: Iterable[Any],
+        ordered: bool,
+        on_progress: Optional[Callable[[int, Optional[int]], Any]],
+        total: Optional[int],
+    ) -> Iterator[Any]:
+        import concurrent.futures  # map() alone needs it, and it would cost more than the rest of the import
 
-    def __lt__(self, other: _Watch) -> bool:
-        return self.deadline < other.deadline
-
-
-class _Watchdog:
-    """Shuts the socket of a call whose deadline has passed, so that a deadline bounds the whole
-    answer: requests' read timeout bounds each read, and a server that trickles its answer a
-    byte at a time would hold a call for ever. One thread for every client, asleep until the
-    earliest deadline watched."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._heap: List[_Watch] = []
-        self._live = 0
-        self._thread: Optional[threading.Thread] = None
-        self._current = threading.local()  # the watch of the call this thread is making
-
-    def watch(self, deadline: float) -> _Watch:
-        watch = _Watch(deadline)
-        with self._changed:
-            heapq.heappush(self._heap, watch)
-            self._live += 1
-            if self._heap[0] is watch:  # the thread sleeps until a later deadline: wake it
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._guard, name="codewords-deadlines", daemon=True)
-                    self._thread.start()
-                self._changed.notify()
-        self._current.watch = watch
-        return watch
-
-    def attach(self, connection: Any) -> Any:
-        """Note the connection that this thread's call has just taken from its pool."""
-        watch = getattr(self._current, "watch", None)
-        if watch is not None:
-            watch.connection = connection
-        return connection
-
-    def detach(self, connection: Any) -> Any:
-        """Note that this thread's call gives its connection back to its pool: from now on the
-        watchdog does not shut it, as another call may take it (a lock makes the two exclusive)."""
-        watch = getattr(self._current, "watch", None)
-        if watch is not None and watch.connection is connection:
-            with self._changed:
-                watch.connection = None
-        return connection
-
-    def release(self, watch: _Watch) -> None:
-        self._current.watch = None
-        with self._changed:
-            watch.live = False
-            self._live -= 1
-            if len(self._heap) > 2 * self._live + 64:  # drop the finished calls now and then
-                self._heap = [w for w in self._heap if w.live]
-                heapq.heapify(self._heap)
-
-    @contextlib.contextmanager
-    def watching(self, deadline: float) -> Iterator[None]:
-        """Watch the call made in the block: once the watchdog has shut its socket, the call raises
-        ReadTimeout, even if what it read looks whole (a body that ends with its connection)."""
-        watch = self.watch(deadline)
+        items = enumerate(inputs)
+        pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="codewords-map")
         try:
-            yield
-        except requests.RequestException as exc:
-            if watch.fired:
-                raise requests.ReadTimeout(f"the deadline passed before the whole answer came ({exc})") from exc
-            raise
-        finally:
-            self.release(watch)
-        if watch.fired:
-            raise requests.ReadTimeout("the deadline passed before the whole answer came")
-
-    def forget_after_fork(self) -> None:
-        """The thread does not survive a fork: a child starts afresh."""
-        self.__init__()  # type: ignore[misc]
-
-    def _guard(self) -> None:
-        with self._changed:
             while True:
-                while self._heap and not self._heap[0].live:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._changed.wait()
-                    continue
-                left = self._heap[0].deadline - time.monotonic()
-                if left > 0:
-                    self._changed.wait(left)
-                    continue
-                watch = heapq.heappop(self._heap)
-                sock = getattr(watch.connection, "sock", None) or getattr(watch.connection, "handed_over", None)
-                if sock is not None:
-                    watch.fired = True  # the call's socket is shut: whatever it read since is cut
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)  # a blocked recv() returns at once
-                    except OSError:
-                        pass  # already closed
+                self._fill(pool, items)
+                if not self._window:
+                    return
+                running = [f for f in self._window if f not in self._counted]  # waiting on a finished one would spin
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                self._count(finished)
+                if on_progress is not None:
+                    on_progress(self._done, total)
+                yield from self._ready(finished, ordered)
+        except KeyboardInterrupt:
+            going_on = self._gate.stop()
+            listed = ", ".join(f"item {i} ({r or 'no request id known'})" for i, r in going_on)
+            message = f"map of {self._plan.service_id} interrupted; runs that go on: {listed or 'none'}"
+            logger.warning(message + "; no other run is sent")
+            raise KeyboardInterrupt(message + "; no other run is sent") from None
+        finally:
+            self._gate.stop()
+            for future in self._window:
+                future.cancel()
+            pool.shutdown(wait=False)
+
+    def _fill(self, pool: Any, items: Iterator[Tuple[int, Any]]) -> None:
+        """Submit items while the window has room: inputs are read only as workers free up."""
+        while self._reading and len(self._window) < 2 * self._workers:
+            item = next(items, None)
+            if item is None:
+                self._reading = False
+            else:
+                self._window[pool.submit(self._run_item, *item)] = item[0]
+
+    def _count(self, finished: Set[Future[Any]]) -> None:
+        """Count the runs that finished; the first failure cancels what comes after it."""
+        for future in finished:
+            self._counted.add(future)
+            if future.cancelled():
+                continue
+            self._done += 1
+            if future.exception() is not None and not self._return_exceptions:
+                self._reading = False
+                for later, index in self._window.items():
+                    if index > self._window[future]:
+                        later.cancel()
+
+    def _ready(self, finished: Set[Future[Any]], ordered: bool) -> Iterator[Any]:
+        """The outputs that may be yielded now: in input order, or as they finished."""
+        ready = itertools.takewhile(self._counted.__contains__, self._window) if ordered else list(finished)
+        for future in list(ready):
+            index = self._window.pop(future)
+            self._counted.discard(future)
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if error is not None and not self._return_exceptions:
+                raise error
+            output = error if error is not None else future.result()
+            yield output if ordered else (index, output)
+
+    def _run_item(self, index: int, item: Any) -> Any:
+        """One item: its run planned and sent, unless the map has stopped."""
+        gate = self._gate
+        plan = self._plan.given(item)._replace(admit=lambda sent: gate.admit(index, sent))
+        gate.check()
+        try:
+            return _run(self._client, plan, time.monotonic() + self._seconds, None)
+        finally:
+            gate.finished(index)
 
 
-_WATCHDOG = _Watchdog()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_WATCHDOG.forget_after_fork)
-
-
-class _WatchedConnection(urllib3.connection.HTTPConnection):
-    """A connection whose socket the watchdog can still find once http.client has closed the
-    connection to hand the socket over to an answer whose body ends when the connection does."""
-
-    handed_over: Any = None
-
-    def close(self) -> None:
-        self.handed_over = self.sock
-        super().close()
-
-
-class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _WatchedPool(urllib3.HTTPConnectionPool):
-    """A pool that tells the watchdog which connection a call takes, and when it gives it back."""
-
-    ConnectionCls = _WatchedConnection
-
-    def _get_conn(self, timeout: Optional[float] = None) -> Any:
-        return _WATCHDOG.attach(super()._get_conn(timeout))
-
-    def _put_conn(self, conn: Any) -> None:
-        super()._put_conn(_WATCHDOG.detach(conn))
-
-
-class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-class _WatchedAdapter(requests.adapters.HTTPAdapter):
-    """requests' adapter, with pools that tell the watchdog which connection a call uses."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        manager.pool_classes_by_scheme = _WATCHED_POOLS
-        return manager
-
-
-_WATCHED_POOLS = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
-
-
-# -- rate limits -------------------------------------------------------------------------------
-
-
-class _RateGate:
-    """What a client's threads share after a 429: a pause, and a limit on runs in flight.
-
-    When the server says "too many", every thread waits until its Retry-After has passed, and
-    the number of runs in flight is halved; each run let through raises the limit again (AIMD,
-    as TCP does). Without the halving, all threads would fire together after every pause.
-    """
+class _MapGate:
+    """What a map's threads share: whether it has stopped, and which of its runs have been sent."""
 
     def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._pause_until = 0.0
-        self._limit: Optional[float] = None  # runs allowed in flight; None until the first 429
-        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._sent: Dict[int, _Sent] = {}  # item index -> what its run sent, while it goes on
 
-    def enter(self, deadline: float, is_run: bool) -> bool:
-        """Wait until a call may be sent; False if the deadline came first."""
-        if not is_run and self._pause_until <= time.monotonic():
-            return True
-        with self._changed:
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    return False
-                if now < self._pause_until:
-                    self._changed.wait(min(self._pause_until, deadline) - now)
-                elif is_run and self._limit is not None and self._in_flight >= self._limit:
-                    self._changed.wait(deadline - now)
-                else:
-                    break
-            if is_run:
-                self._in_flight += 1
-            return True
+    def check(self) -> None:
+        if self._stopped:
+            raise CodewordsError("not sent: the map has stopped")
 
-    def leave(self, is_run: bool, succeeded: bool) -> None:
-        if is_run:
-            with self._changed:
-                self._in_flight -= 1
-                if succeeded and self._limit is not None:
-                    self._limit += 1 / self._limit
-                self._changed.notify_all()
+    def admit(self, index: int, sent: _Sent) -> None:
+        """Let a run of the map be sent, unless the map has stopped."""
+        with self._lock:
+            self.check()
+            self._sent[index] = sent
 
-    def slow_down(self, seconds: float, is_run: bool) -> None:
-        """A 429: pause every thread, and halve the runs in flight once per pause."""
-        with self._changed:
-            now = time.monotonic()
-            if is_run and now >= self._pause_until:
-                self._limit = max(1.0, self._in_flight / 2)
-            self._pause_until = max(self._pause_until, now + seconds)
-            logger.info("rate limited: every thread waits %.2f s, then at most %s runs in flight", seconds, self._limit)
+    def finished(self, index: int) -> None:
+        with self._lock:
+            self._sent.pop(index, None)
+
+    def stop(self) -> List[Tuple[int, Optional[str]]]:
+        """Let no more runs be sent; the runs that were sent and may go on (a rerun's first run
+        too), by item index, with their request ids (None if it is not known)."""
+        with self._lock:
+            self._stopped = True
+            return [(i, r) for i, sent in sorted(self._sent.items()) for r in sent.ids]
 
 
-# -- log streams -------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Log streams: read as they come, each entry once, across reconnects, until the run ends
+# ---------------------------------------------------------------------------------------------
 #
 # Three pieces: LogStream opens and reopens the connection and reads its body in small blocks;
 # _LogParser turns the lines of one connection into entries (NDJSON or server-sent events); and
 # _LogPosition remembers how far delivery has gone, to ask a reconnect to resume from there and
-# to skip what the server sends again.
+# to skip what the server sends again. _LogFollower feeds a stream to on_log while a run goes on.
 
-
-class _Closed(Exception):
-    """Raised inside a log stream once close() has been called: the stream ends at once."""
+_ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_SSE_FIELD = re.compile(r":|(data|id|event|retry)(:|\Z)")
+_DIGITS = re.compile(r"[0-9]+\Z")
+_LOG_EVENT_TYPES = ("", "message", "log")  # SSE event types that carry log entries
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+# What makes a log stream reconnect, counted toward LOG_RECONNECTS: its connection failed or
+# was refused for now, or the question whether the run goes on could not be answered.
+_STREAM_FAILURES = (APIConnectionError, RateLimitError, ServerError, *_EXCHANGE_FAILURES)
 
 
 class LogStream:
     """An iterator over a run's log entries, each once and in order, that ``close()`` stops from any thread."""
 
-    def __init__(self, client: Client, request_id: str) -> None:
+    def __init__(self, client: Client, request_id: str, key: _Key) -> None:
         self.request_id = request_id
-        self._client = client
-        self._response: Optional[requests.Response] = None
-        self._closed = threading.Event()
-        self._woken: Optional[threading.Event] = None  # what a call waiting on another thread waits on
+        self._client, self._key = client, key
+        self._stop = _Stop()
+        # Failed connections in a row, with no entry with a createdAt between them; and clean
+        # closes in a row while the run goes on, with nothing new between them.
+        self._failures = _Attempts(LOG_RECONNECTS, LOG_BACKOFF, self._stop)
+        self._closes = _Attempts(math.inf, LOG_BACKOFF, self._stop)
         self._started = time.monotonic()
         self._quiet_since = self._started  # when the last entry with a createdAt came, on any connection
-        self._failures = 0  # failed connections in a row, with no entry with a createdAt between them
-        self._closes = 0  # clean closes in a row while the run goes on, with nothing new between them
-        self._retry: Optional[float] = None  # the server's SSE "retry:", which replaces the backoff
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
         self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
         self._entries = self._follow()
@@ -2022,63 +2377,63 @@ class LogStream:
     def close(self) -> None:
         """Stop the stream, from any thread, in whatever it is doing: connecting, waiting for an
         answer, reading (a read blocked on the socket returns at once) or sleeping."""
-        self._closed.set()
-        woken, response = self._woken, self._response
-        if woken is not None:
-            woken.set()
-        if response is not None:
-            _interrupt(response)
+        self._stop.set()
 
     def _follow(self) -> Iterator[LogEntry]:
         position = _LogPosition()
         try:
             while True:
-                failure: Optional[Exception] = None
+                failure: Optional[BaseException] = None
                 try:
                     if (yield from self._connection(position)):
                         return
-                except _LOG_FAILURES as exc:
+                except _STREAM_FAILURES as exc:
                     failure = exc
                 if failure is not None:  # counted outside the except: what _failed raises has no __context__
                     self._failed(failure)
                 position.reconnected()
-        except _Closed:
+        except _Stopped:
             return
 
     def _connection(self, position: _LogPosition) -> Generator[LogEntry, None, bool]:
         """Deliver what one connection brings that is new: True once the stream has ended, False
-        to reconnect. A failure raises; a clean close while the run goes on is one too."""
-        response = self._open(position)
-        if response is None:
+        to reconnect. A failure raises; a clean close while the run goes on is none."""
+        answer = self._open(position)
+        if answer is None:
             return False
-        parser = _LogParser(response.headers.get("Content-Type", ""))
+        response = answer.response
+        assert response is not None
+        parser = _LogParser(answer.headers.get("Content-Type", ""))
         try:
             with response:
-                for line in _split_lines(_blocks(response)):
-                    self._check_closed()  # a closed stream yields nothing more
+                for line in _split_lines(_stream_blocks(response)):
+                    self._check_stopped()  # a closed stream yields nothing more
                     entry = parser.feed(line)
                     if entry is not None and position.is_new(entry, parser.event_id):
                         if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
-                            self._failures, self._closes, self._quiet_since = 0, 0, time.monotonic()
+                            self._failures.made = self._closes.made = 0
+                            self._quiet_since = time.monotonic()
                         yield entry
                     if self._drained():
                         return True
         except urllib3.exceptions.ReadTimeoutError:
-            self._check_closed()
+            self._check_stopped()
             logger.debug("log stream of %s silent; asking whether the run goes on", self.request_id)
             return self._run_has_ended()  # silence is not a failure
         finally:
-            self._retry = self._retry if parser.retry is None else parser.retry
-        self._check_closed()
+            if answer.watch is not None:
+                _WATCHDOG.release(answer.watch)
+            if parser.retry is not None:
+                self._failures.backoff = self._closes.backoff = (parser.retry, parser.retry)
+        self._check_stopped()
         if self._run_has_ended():
             return True  # the server ended the stream with the run
         # Closed while the run goes on: a server may answer with what it has, and close. That is
         # no failure; ask again after a pause that grows while the closes bring nothing new.
-        self._closes += 1
-        self._sleep(self._backoff(self._closes))
+        self._closes.spend(self._closes.pause())
         return False
 
-    def _open(self, position: _LogPosition) -> Optional[requests.Response]:
+    def _open(self, position: _LogPosition) -> Optional[_Answer]:
         """GET /logs from where delivery stands; None after waiting out a 404 while the run goes on."""
         # A timestamp may hold a lone surrogate (a JSON "\ud800"): it goes back as the server wrote it.
         query = "?after=" + quote(position.after, safe="", errors="surrogatepass") if position.after else ""
@@ -2086,32 +2441,27 @@ class LogStream:
         last_event_id = _header_value(position.event_id)
         if last_event_id:
             headers["Last-Event-ID"] = last_event_id
+        request = _Request(
+            _LOGS,
+            _LOGS.at(request_id=self.request_id, query=query),
+            self._key,
+            self._client._deadline(None) + LOG_READ_TIMEOUT,
+            headers=headers,
+            request_id=self.request_id,
+            read_timeout=LOG_READ_TIMEOUT,
+            stop=self._stop,
+        )
         try:
-            response = self._unless_closed(
-                lambda: self._client._request(
-                    "GET",
-                    f"/logs/{self.request_id}{query}",
-                    deadline=self._client._deadline(None) + LOG_READ_TIMEOUT,
-                    headers=headers,
-                    read_timeout=LOG_READ_TIMEOUT,
-                    request_id=self.request_id,
-                    stream=True,
-                    retry=False,  # a failed reopen counts toward LOG_RECONNECTS, like a drop
-                )
-            )
+            return self._client._send(request, self._failures)  # a failed reopen counts as a drop
         except NotFoundError:
             # A run just started, or still queued, may have no logs yet: wait while it goes on.
             if time.monotonic() - self._started < LOG_NOT_FOUND_GRACE:
-                self._sleep(POLL_BACKOFF[0])
+                self._stop.wait(POLL_BACKOFF[0])
             elif self._run_has_ended():
                 raise
             else:
-                self._sleep(POLL_BACKOFF[1])
+                self._stop.wait(POLL_BACKOFF[1])
             return None
-        self._response = response
-        if self._closed.is_set():  # close() may have run before the line above
-            _interrupt(response)
-        return response
 
     def _drained(self) -> bool:
         """Whether a stream that sends no entries with a timestamp, only keep-alives of any kind,
@@ -2128,121 +2478,90 @@ class LogStream:
         """Whether GET /request/{id} says the run has ended. A record that cannot be read (404,
         not a JSON object) says so too: there is nothing to wait for. Other errors are raised."""
         try:
-            record = self._unless_closed(lambda: self._client.details(self.request_id))
+            record = _record(self._client, self._key, self.request_id, self._client._deadline(None), self._stop)
         except APIStatusError as exc:
             if isinstance(exc, (AuthenticationError, RateLimitError, ServerError)):
                 raise
             return True
-        return bool(record.get("completedAt")) or record.get("responseStatus") is not None
+        return _finished(record)
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: BaseException) -> None:
         """Count a failed connection, or a failed question about the run, and wait before the next
         one; APIConnectionError after LOG_RECONNECTS of them in a row."""
-        self._check_closed()
-        self._failures += 1
-        text, cause = _foreign_text(exc, self._client._key())
-        if self._failures > LOG_RECONNECTS:
-            raise APIConnectionError(
-                f"the log stream of {self.request_id} failed {self._failures} times in a row: {text}",
-                request_id=self.request_id,
-            ) from cause
-        wait = self._backoff(self._failures)
+        self._check_stopped()
+        text = str(exc) if isinstance(exc, CodewordsError) else _foreign_text(exc, self._key)
         retry_after = getattr(exc, "retry_after", None)
-        wait = wait if retry_after is None else max(wait, retry_after)
-        logger.info("log stream of %s failed (%s); reconnecting in %.1f s", self.request_id, text, wait)
-        self._sleep(wait)
+        wait = max(self._failures.pause(), retry_after or 0.0)
+        if not self._failures.spend(wait):
+            raise APIConnectionError(
+                f"the log stream of {self.request_id} failed {self._failures.made + 1} times in a row: {text}",
+                request_id=self.request_id,
+            ) from None
+        logger.info("log stream of %s failed (%s); reconnected after %.1f s", self.request_id, text, wait)
 
-    def _backoff(self, times: int) -> float:
-        """The pause before reconnecting after ``times`` fruitless tries: the server's SSE
-        ``retry:``, else one that doubles from LOG_BACKOFF[0] to LOG_BACKOFF[1]."""
-        if self._retry is not None:
-            return self._retry
-        return min(LOG_BACKOFF[0] * 2.0 ** min(times - 1, 32), LOG_BACKOFF[1])
-
-    def _unless_closed(self, call: Callable[[], _T]) -> _T:
-        """call() on a thread of its own, so that close() need not wait while it connects or waits
-        for an answer: its result or error, or _Closed (a response that comes late is closed)."""
-        outcome: List[Tuple[Optional[_T], Optional[BaseException]]] = []
-        woken = self._woken = threading.Event()
-
-        def work() -> None:
-            try:
-                outcome.append((call(), None))
-            except BaseException as exc:  # handed to the stream's thread
-                outcome.append((None, exc))
-            finally:
-                if self._closed.is_set() and outcome and isinstance(outcome[0][0], requests.Response):
-                    outcome[0][0].close()
-                woken.set()
-
-        threading.Thread(target=work, name=f"codewords-logs-call-{self.request_id}", daemon=True).start()
-        if self._closed.is_set():
-            woken.set()
-        woken.wait()
-        self._woken = None
-        if self._closed.is_set():
-            if outcome and isinstance(outcome[0][0], requests.Response):
-                outcome[0][0].close()
-            raise _Closed
-        result, error = outcome[0]
-        if error is not None:
-            raise error
-        return result  # type: ignore[return-value]
-
-    def _sleep(self, seconds: float) -> None:
-        self._closed.wait(seconds)
-        self._check_closed()
-
-    def _check_closed(self) -> None:
-        if self._closed.is_set():
-            raise _Closed
+    def _check_stopped(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
 
 
 class _LogFollower:
-    """Streams a run's logs to ``on_log`` on a background thread while the caller waits."""
+    """Streams a run's logs to ``on_log`` on a thread of its own while the caller waits: one
+    stream at a time, and one call of ``on_log`` at a time, across the streams of a rerun."""
 
-    def __init__(self, client: Client, request_id: str, on_log: Callable[[LogEntry], Any]) -> None:
-        self._client = client
-        self._stream = LogStream(client, request_id)
-        self._on_log = on_log
+    def __init__(self, client: Client, key: _Key, on_log: Callable[[LogEntry], Any]) -> None:
+        self._client, self._key, self._on_log = client, key, on_log
         self._calling = threading.Lock()  # held while on_log runs
-        self._thread = threading.Thread(target=self._pump, name=f"codewords-logs-{request_id}", daemon=True)
-        self._thread.start()
+        self._stream: Optional[LogStream] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def follow(self, request_id: Optional[str]) -> None:
+        """Follow this run's logs (None: no run's), once the stream of the run before has stopped."""
+        self.finish()
+        if request_id is not None:
+            self._stream = stream = LogStream(self._client, request_id, self._key)
+            self._thread = threading.Thread(target=self._pump, args=(stream,), name=f"codewords-logs-{request_id}")
+            self._thread.daemon = True
+            self._thread.start()
 
     def finish(self, drain_until: Optional[float] = None) -> None:
         """Stop following; with ``drain_until`` (a deadline), first let the stream reach its end (it
         ends with the run) for LOG_GRACE seconds, but not past it. Once this returns, on_log is
-        not running and is never called again, so that two followers never call it at once."""
+        not running and is never called again for this stream."""
+        stream, thread = self._stream, self._thread
+        if stream is None or thread is None:
+            return
         if drain_until is not None:
-            self._thread.join(max(0.0, min(LOG_GRACE, drain_until - time.monotonic())))
-        self._stream.close()  # the thread's blocked read returns at once, and it ends
+            thread.join(max(0.0, min(LOG_GRACE, drain_until - time.monotonic())))
+        stream.close()  # the thread's blocked read returns at once, and it ends
         with self._calling:
             pass  # a call of on_log under way has ended; the closed stream lets no other begin
-        self._thread.join(LOG_GRACE)  # at once, but for a stream stuck where close() cannot reach
+        thread.join(LOG_GRACE)  # at once, but for a stream stuck where close() cannot reach
+        self._stream = self._thread = None
 
-    def _pump(self) -> None:
-        request_id = self._stream.request_id
+    def _pump(self, stream: LogStream) -> None:
         while True:
             try:
-                entry = next(self._stream)
+                entry = next(stream)
             except StopIteration:
                 return
             except CodewordsError as exc:
-                logger.warning("stopped streaming the logs of %s: %s", request_id, exc)
+                logger.warning("stopped streaming the logs of %s: %s", stream.request_id, exc)
                 return
             except RuntimeError:
                 if not self._client._closed:
                     raise
-                logger.debug("stopped streaming the logs of %s: the client was closed", request_id)
+                logger.debug("stopped streaming the logs of %s: the client was closed", stream.request_id)
                 return
             with self._calling:
-                if self._stream._closed.is_set():
+                if stream._stop.is_set():
                     return
                 try:
                     self._on_log(entry)
                 except Exception:
-                    logger.exception("on_log raised on a log entry of %s; its logs are no longer streamed", request_id)
-                    self._stream.close()
+                    logger.exception(
+                        "on_log raised on a log entry of %s; its logs are no longer streamed", stream.request_id
+                    )
+                    stream.close()
                     return
 
 
@@ -2281,7 +2600,11 @@ class _LogParser:
             return _parse_log_line(data) if data.strip() and kind in _LOG_EVENT_TYPES else None
         if text.startswith("{"):
             return _parse_log_line(text.strip())
-        name, _, value = text.partition(":")
+        self._field(*text.partition(":")[::2])
+        return None
+
+    def _field(self, name: str, value: str) -> None:
+        """An SSE field line; a comment (an empty name) or an unknown field says nothing to us."""
         value = value[1:] if value.startswith(" ") else value
         if name == "data":
             self._data.append(value)
@@ -2291,7 +2614,6 @@ class _LogParser:
             self.event_id = value
         elif name == "retry" and _DIGITS.match(value):
             self.retry = min(int(value) / 1000, RETRY_AFTER_MAX)
-        return None  # a comment (an empty name) or an unknown field says nothing to us
 
 
 class _LogPosition:
@@ -2357,22 +2679,22 @@ def _time_order(a: Tuple[str, Optional[int]], b: Tuple[str, Optional[int]]) -> i
     return (a[0] > b[0]) - (a[0] < b[0])
 
 
-def _blocks(response: requests.Response) -> Iterator[bytes]:
-    """A streamed body in blocks as they arrive, of up to LOG_BLOCK bytes; ConnectionError if it
-    ends short of its Content-Length. A urllib3 without read1 (before 2.1) gives a chunked body
-    chunk by chunk too, but reads any other in blocks of LOG_BLOCK bytes or to its end."""
+def _stream_blocks(response: requests.Response) -> Iterator[bytes]:
+    """A streamed body's bytes as they arrive, decoded, in blocks of up to _BLOCK; _Cut if it ends
+    short of its Content-Length or of its encoding's end. A urllib3 without read1 (before 2.1)
+    gives a chunked body chunk by chunk too, but reads any other in blocks of _BLOCK or to its end."""
+    decoder = _Decoder(response.headers.get("Content-Encoding", ""))
     read1 = getattr(response.raw, "read1", None)
     if read1 is not None:
-        blocks: Iterable[bytes] = iter(lambda: read1(LOG_BLOCK, decode_content=True), b"")
+        blocks: Iterable[bytes] = iter(lambda: read1(_BLOCK, decode_content=False), b"")
     else:
-        blocks = response.raw.stream(LOG_BLOCK, decode_content=True)
+        blocks = response.raw.stream(_BLOCK, decode_content=False)
     received = 0
     for block in blocks:
         received += len(block)
-        yield block
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and "Content-Encoding" not in response.headers and received < int(declared):
-        raise requests.ConnectionError(f"the log stream closed after {received} of {declared} bytes")
+        yield from decoder.feed(block)
+    _check_length(response, received)
+    yield decoder.end()
 
 
 def _split_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
@@ -2433,24 +2755,32 @@ def _header_value(event_id: str) -> str:
     return value if _HEADER_VALUE.match(value) else ""
 
 
-def _interrupt(response: requests.Response) -> None:
-    """Wake a read blocked on a streamed response in another thread: it returns at once, with
-    nothing or an error, and its own thread closes the response.
+# ---------------------------------------------------------------------------------------------
+# Uploads: a file streamed to the storage host, which never sees the key
+# ---------------------------------------------------------------------------------------------
 
-    The socket is found under the body's file (urllib3 1.26 and 2.x alike), not on the
-    connection, which http.client lets go of when the body ends with the connection. Once the
-    body has ended that file is gone, so a connection back in its pool is left alone.
-    """
-    body_file = getattr(getattr(response.raw, "_fp", None), "fp", None)  # http.client's, while the body is read
-    sock = getattr(getattr(body_file, "raw", None), "_sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # close() alone does not wake a blocked recv()
-        except OSError:
-            pass  # already closed
+_BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
-# -- uploads -----------------------------------------------------------------------------------
+def _upload_urls(
+    client: Client, key: _Key, filename: str, content_type: Optional[str], deadline: float
+) -> Tuple[str, str, Dict[str, str]]:
+    """POST /file: where to PUT the bytes, the URL to download them from, and the PUT's headers."""
+    answer = client._send(_Request(_FILE, _FILE.at(filename=quote(filename, safe="")), key, deadline))
+    upload_uri, download_uri, signed_headers = _upload_answer(answer)
+    if signed_headers is not None:
+        headers = dict(signed_headers)
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = content_type or "application/octet-stream"
+    else:
+        guessed = mimetypes.guess_type(filename)[0]
+        headers = {"Content-Type": content_type or guessed or "application/octet-stream", "x-amz-acl": "public-read"}
+    return upload_uri, download_uri, headers
+
+
+def _put(client: Client, url: str, body: _UploadBody, headers: Dict[str, str], deadline: float) -> None:
+    """PUT the bytes to the storage host, rewound before each try, with no key or credential."""
+    client._send(_Request(_PUT, url, None, deadline, body=body, headers=headers))
 
 
 class _UploadBody:
@@ -2600,9 +2930,9 @@ def _check_filename(filename: Optional[str]) -> str:
     return filename
 
 
-def _upload_answer(response: requests.Response) -> Tuple[str, str, Optional[Dict[str, str]]]:
+def _upload_answer(answer: _Answer) -> Tuple[str, str, Optional[Dict[str, str]]]:
     """upload_uri, download_uri and upload_headers from the answer to POST /file."""
-    body = _answer(response)
+    body = _value_of(answer)
     if isinstance(body, dict):
         upload_uri, download_uri, headers = body.get("upload_uri"), body.get("download_uri"), body.get("upload_headers")
         good_headers = headers is None or (
@@ -2615,27 +2945,10 @@ def _upload_answer(response: requests.Response) -> Tuple[str, str, Optional[Dict
             ):
                 return upload_uri, download_uri, headers
     raise APIStatusError(
-        f"{response.status_code} from POST /file: expected an https upload_uri and a download_uri,"
+        f"{answer.status} from POST /file: expected an https upload_uri and a download_uri,"
         f" got {_describe(body)[:200]}",
-        status_code=response.status_code,
+        status_code=answer.status,
         body=body,
-    )
-
-
-def _storage_error(where: str, response: requests.Response) -> APIStatusError:
-    """An APIStatusError with the storage host's own message (S3 answers in XML)."""
-    text = response.content.decode("utf-8", "replace")
-    code, message = _XML_CODE.search(text), _XML_MESSAGE.search(text)
-    if code or message:
-        detail = ": ".join(m.group(1).strip() for m in (code, message) if m)
-    else:
-        detail = _describe(_decode(response.content)) if response.content else ""
-    cls = _STATUS_ERRORS.get(response.status_code) or (ServerError if response.status_code >= 500 else APIStatusError)
-    return cls(
-        f"{response.status_code} {response.reason or ''} from PUT {where}: {detail}".replace("  ", " "),
-        status_code=response.status_code,
-        detail=detail,
-        body=text,
     )
 
 
@@ -2794,11 +3107,12 @@ def _cli_run(client: Client, args: Any, status: _Status) -> Any:
     inputs = _cli_inputs(args)
     fallback = {None: _CLIENT_DEFAULT, "off": None}.get(args.fallback, args.fallback)
     on_log = _cli_on_log(client, args, status)
-    plan = client._plan_run(args.service_id, inputs, args.path, args.timeout, fallback, on_log, None)
-    client._claim_id(plan)  # the request id is known now, so that an interrupted wait can be resumed
-    status.request_id = plan.request_id
+    plan = client._plan(args.service_id, args.path, "POST", None, fallback, on_log).given(inputs)
+    deadline = client._deadline(args.timeout)
+    # The request id is known before the run is sent, so that an interrupted wait can be resumed.
+    request_id = status.request_id = _provision_for_run(client, plan.key, deadline) if plan.needs_id else None
     with status.showing(status.wait_line()):
-        return client._run(plan)
+        return _run(client, plan, deadline, request_id)
 
 
 def _cli_start(client: Client, args: Any, status: _Status) -> Any:
@@ -2816,7 +3130,7 @@ def _cli_result(client: Client, args: Any, status: _Status) -> Any:
 def _cli_on_log(client: Client, args: Any, status: _Status) -> Optional[Callable[[LogEntry], None]]:
     """The on_log of a wait: none with a one-time key, whose one request cannot stream logs too
     (the status line then shows the elapsed time and request id only)."""
-    if not client._one_time_key():
+    if not client._key().once:
         return status.log_printer(args.logs)
     if args.logs:
         raise _UsageError("--logs streams the run's logs, and a one-time key allows one request")

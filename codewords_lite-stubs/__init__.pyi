@@ -1,7 +1,17 @@
 # Generated from codewords_lite.py by tools/make_stubs.py: do not edit, run it again.
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    Literal,
+    Mapping,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+)
 
 import requests
 
@@ -42,12 +52,14 @@ HELD_POLL_MIN: float
 POLL_BACKOFF: tuple[float, float]
 RETRY_BACKOFF: tuple[float, float]
 RETRY_AFTER_MAX: float
+RECORD_SETTLE: float
+CONTROL_MAX: int
+OUTPUT_MAX: int
 LOG_READ_TIMEOUT: float
 LOG_BACKOFF: tuple[float, float]
 LOG_RECONNECTS: int
 LOG_NOT_FOUND_GRACE: float
 LOG_GRACE: float
-LOG_BLOCK: int
 LOG_LINE_MAX: int
 POOL_SIZE: int
 UPLOAD_BLOCK: int
@@ -277,11 +289,22 @@ class Client:
         bounds the whole upload, retries included: APITimeoutError once it passes.
         """
 
+class _Key(NamedTuple):
+    """The API key of one public call, read and checked once; its repr never shows it."""
+
+    value: str
+    def __repr__(self) -> str: ...
+    @property
+    def once(self) -> bool:
+        """A one-time key, spent by the first request that carries it: every call sends one."""
+    def refuse(self, what: str) -> None:
+        """ConfigurationError, before anything is sent, if this is a one-time key and ``what`` needs more."""
+
 class LogStream:
     """An iterator over a run's log entries, each once and in order, that ``close()`` stops from any thread."""
 
     request_id: str
-    def __init__(self, client: Client, request_id: str) -> None: ...
+    def __init__(self, client: Client, request_id: str, key: _Key) -> None: ...
     def __iter__(self) -> LogStream: ...
     def __next__(self) -> LogEntry: ...
     def close(self) -> None:

@@ -97,12 +97,11 @@ def test_binary_output_from_the_emulator_is_the_bytes(runtime, client):
     assert runtime_png == PNG
 
 
-def answer_of(body: bytes, content_type) -> requests.Response:
-    answer = requests.Response()
-    answer.status_code, answer._content = 200, body
+def answer_of(body: bytes, content_type) -> "cw._Answer":
+    headers = requests.structures.CaseInsensitiveDict()
     if content_type is not None:
-        answer.headers["Content-Type"] = content_type
-    return answer
+        headers["Content-Type"] = content_type
+    return cw._Answer(200, "OK", headers, body, "https://runtime.example/run/x", "")
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

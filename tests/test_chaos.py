@@ -31,6 +31,7 @@ def figures(capsys):
 def test_chaos(monkeypatch, caplog, figures):
     monkeypatch.setattr(cw, "RETRY_BACKOFF", (0.01, 0.05))
     monkeypatch.setattr(cw, "POLL_BACKOFF", (0.01, 0.05))
+    monkeypatch.setattr(cw, "RECORD_SETTLE", 0.05)  # the emulator writes its records at once: no lag to wait out
     caplog.set_level(logging.INFO, logger="codewords_lite")
     waits = []  # (seconds waited, deadline)
 
@@ -57,9 +58,14 @@ def test_chaos(monkeypatch, caplog, figures):
             assert all(pool.map(blocking, range(BLOCKING_RUNS)))
 
         def too_slow(i):
+            # Each on a client of its own, so with a rate gate of its own: on one shared client, a
+            # 429 halves the runs let in flight (down to 1), and each of these POST /run holds its
+            # slot until the gateway's 504 at 0.5 s, so the third and fourth would wait past their
+            # 0.7 s in the gate, never sent (APITimeoutError, rightly), instead of outliving them.
+            late_client = cw.Client(runtime.api_key, base_url=runtime.url, max_retries=10, timeout=60)
             started = time.monotonic()
-            with pytest.raises(cw.RunTimeout) as info:
-                client.run("sleep", {"seconds": 3, "late": i}, timeout=0.7)
+            with late_client, pytest.raises(cw.RunTimeout) as info:
+                late_client.run("sleep", {"seconds": 3, "late": i}, timeout=0.7)
             waits.append((time.monotonic() - started, 0.7))
             return info.value.request_id
 

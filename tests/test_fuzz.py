@@ -28,12 +28,10 @@ records = st.dictionaries(
 )
 
 
-def response(status: int, content: bytes) -> requests.Response:
-    answer = requests.Response()
-    answer.status_code = status
-    answer._content = content
-    answer.request = requests.Request("GET", "https://runtime.example/x").prepare()
-    return answer
+def response(status: int, content: bytes) -> "cw._Answer":
+    """An answer as the transport hands it over: status, headers, the whole body."""
+    headers = requests.structures.CaseInsensitiveDict()
+    return cw._Answer(status, "", headers, content, "https://runtime.example/x", "cwk-fuzz")
 
 
 @FUZZ
@@ -90,11 +88,13 @@ def test_records_with_missing_or_oddly_typed_fields(record):
 @FUZZ
 @given(st.integers(min_value=100, max_value=599), st.binary(max_size=200))
 def test_error_answers_of_any_bytes(status, content):
-    client = cw.Client("cwk-fuzz", base_url="https://runtime.example")
-    error = client._status_error("POST", "/run/x", response(status, content), "req_1")
+    run = cw._Request(cw._RUN_POST, "/run/x", None, 0.0, request_id="req_1")
+    error = cw._status_error(run, response(status, content), "")
     assert isinstance(error, cw.APIStatusError) and error.status_code == status
     assert isinstance(str(error), str) and len(str(error)) < 1000
-    storage = cw._storage_error("https://bucket.example/k", response(status, content))
+    storage = cw._status_error(
+        cw._Request(cw._PUT, "https://bucket.example/k", None, 0.0), response(status, content), ""
+    )
     assert isinstance(storage, cw.APIStatusError)
 
 
@@ -133,7 +133,7 @@ def test_command_line_fields_of_any_text(field):
 @given(st.text(max_size=30), st.text(max_size=30))
 def test_names_are_checked_or_refused(service_id, path):
     try:
-        url_path = cw._service_path("run", service_id, path)
+        url_path = cw._service_path(cw._RUN_POST, service_id, path)
     except cw.ConfigurationError:
         return
     assert (

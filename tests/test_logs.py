@@ -566,12 +566,14 @@ def test_finish_without_drain_stops_at_once(runtime, client):
     runtime.logs_never_end = True
     seen = []
     run = client.start("talk", {"lines": 2})
-    follower = cw._LogFollower(client, run.request_id, seen.append)
+    follower = cw._LogFollower(client, client._key(), seen.append)
+    follower.follow(run.request_id)
+    thread = follower._thread
     run.wait()
     started = time.monotonic()
     follower.finish()
     assert time.monotonic() - started < cw.LOG_GRACE
-    assert not follower._thread.is_alive()
+    assert not thread.is_alive()
 
 
 def test_a_cut_inside_a_multibyte_character(runtime, client):

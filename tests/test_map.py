@@ -122,7 +122,8 @@ def test_long_items_finish_once_through_their_fallback():
 # -- the shared rate-limit backoff -------------------------------------------------------------
 
 
-def test_workers_share_the_backoff_when_the_server_limits_concurrency(runtime, client, capsys):
+def test_workers_share_the_backoff_when_the_server_limits_concurrency(runtime, client, capsys, monkeypatch):
+    monkeypatch.setattr(cw, "RECORD_SETTLE", 0.05)  # the emulator writes its records at once: no lag to wait out
     runtime.concurrency_limit = 4
     runtime.rate_limit_retry_after = "0.3"
     items = [{"seconds": 0.1, "i": i} for i in range(100)]
@@ -181,7 +182,7 @@ def test_a_key_from_the_environment_does_not_travel_in_the_pickle(runtime, monke
 def test_a_key_given_as_an_argument_travels_in_the_pickle(runtime, client):
     copy = pickle.loads(pickle.dumps(client))
     assert copy.run("echo", {"b": 2}) == {"b": 2}
-    assert copy._pool is not client._pool
+    assert copy._transport._pool is not client._transport._pool
 
 
 CTRL_C_SCRIPT = textwrap.dedent(

@@ -76,7 +76,8 @@ def test_a_run_the_gateway_turned_away_is_sent_again_with_the_same_id(runtime, c
     assert client.run("echo", {"a": 1}) == {"a": 1}
     first, second = runtime.calls_to("POST", "/run/")
     assert first["headers"]["X-Provisioned-Request-Id"] == second["headers"]["X-Provisioned-Request-Id"]
-    assert len(runtime.calls_to("GET", "/request/")) == 1 and runtime.executions["echo"] == 1
+    # Two looks at the record, RECORD_SETTLE apart, before it is believed (issue 20: a record may lag its run)
+    assert len(runtime.calls_to("GET", "/request/")) == 2 and runtime.executions["echo"] == 1
 
 
 def test_ctrl_c_in_map_while_workers_provision_sends_no_run(runtime, client):
@@ -247,8 +248,8 @@ def test_a_deadline_that_passes_after_the_rate_gate_is_a_timeout(runtime, client
     """Item 6: a Retry-After that ends just inside a deadline left a negative timeout (ValueError)."""
     enter = cw._RateGate.enter
 
-    def enter_just_inside(self, deadline, is_run):
-        allowed = enter(self, deadline, is_run)
+    def enter_just_inside(self, deadline, is_run, stop=None, held=True):
+        allowed = enter(self, deadline, is_run, stop, held)
         time.sleep(max(0.0, deadline - time.monotonic()))  # the pause ends as the deadline passes
         return allowed
 

@@ -185,7 +185,7 @@ def test_close_stops_a_log_stream_already_streaming(runtime):
     client.close()
     with pytest.raises(RuntimeError, match="Client is closed"):
         next(stream)
-    assert stream._closed.is_set()  # stopped, its socket shut, not merely refused
+    assert stream._stop.is_set()  # stopped, its socket shut, not merely refused
 
 
 def test_close_during_a_run_with_on_log_prints_nothing(runtime, monkeypatch):

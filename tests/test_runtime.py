@@ -325,16 +325,16 @@ def test_a_given_session_is_used_and_left_open(runtime):
     session = requests.Session()
     with cw.Client(runtime.api_key, base_url=runtime.url, session=session) as client:
         client.run("echo", fallback=None)
-        assert len(client._pool.poolmanager.pools) == 0
+        assert len(client._transport._pool.poolmanager.pools) == 0
     assert session.adapters  # still usable by its owner
     session.close()
 
 
 def test_close_closes_the_connections_and_later_calls_raise(runtime, client):
     client.run("echo", fallback=None)
-    assert len(client._pool.poolmanager.pools) == 1
+    assert len(client._transport._pool.poolmanager.pools) == 1
     client.close()
-    assert len(client._pool.poolmanager.pools) == 0
+    assert len(client._transport._pool.poolmanager.pools) == 0
     with pytest.raises(RuntimeError, match="closed"):
         client.run("echo", {"again": True}, fallback=None)
 
