@@ -24,7 +24,8 @@ Every failure of the service or the network is a ``CodewordsError``; bad argumen
     │   ├── RateLimitError                                429 from the API, .retry_after
     │   ├── ServerError                                   5xx from the API or the gateway
     │   │   └── GatewayTimeout                            504 that could not be resumed
-    │   └── RunFailed                                     the workflow's own error answer; .record
+    │   ├── RunFailed                                     the workflow's own error answer; .record
+    │   └── StorageError                                  the storage host refused an upload's bytes
     └── RunTimeout(CodewordsError, TimeoutError)          a deadline passed; .request_id
 """
 
@@ -76,7 +77,7 @@ from typing import (
     TypeVar,
     Union,
 )
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -101,6 +102,7 @@ __all__ = [
     "RunFailed",
     "RunTimeout",
     "ServerError",
+    "StorageError",
 ]
 
 logger = logging.getLogger("codewords_lite")
@@ -138,6 +140,8 @@ LOG_BACKOFF = (0.5, 5.0)  # first and longest sleep before reconnecting a droppe
 LOG_RECONNECTS = 10  # drops in a row, with no entry between them, before giving up
 LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404 before we ask about the run
 LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
+LOG_CALLBACK_WAIT = 0.5  # how long an on_log call under way is waited for after Ctrl-C or an error
+LOG_RETRY_MIN = 0.1  # the shortest pause before reopening a log stream, whatever its SSE retry: says
 LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
 POOL_SIZE = 100  # connections kept open to the API host; more calls at once than this open and close their own
 
@@ -240,6 +244,11 @@ class RunFailed(APIStatusError):
     ) -> None:
         super().__init__(message, status_code=status_code, detail=detail, body=body, request_id=request_id)
         self.record = record
+
+
+class StorageError(APIStatusError):
+    """The storage host refused an upload's bytes (its presigned URL expired, a bad signature,
+    no such bucket): not the API's refusal of the key, which is AuthenticationError."""
 
 
 class RunTimeout(CodewordsError, TimeoutError):
@@ -502,10 +511,13 @@ class Client:
         second; an exception raised in it stops the upload. ``timeout`` (else the client's)
         bounds the whole upload, retries included: APITimeoutError once it passes.
         """
-        deadline = self._deadline(timeout)
-        with _upload_source(source) as (body, start, size, name):
-            filename = _check_filename(filename if filename is not None else name)
-            key = self._key()
+        _check_source(source)
+        deadline, key = self._deadline(timeout), self._key()
+        self._check_open()  # all is checked before a pipe is read to its end
+        if filename is None and isinstance(source, (str, os.PathLike)):
+            filename = os.path.basename(os.fspath(source))
+        filename = _check_filename(filename)
+        with _upload_source(source) as (body, start, size):
             upload_uri, download_uri, headers = _upload_urls(self, key, filename, content_type, deadline)
             _put(self, upload_uri, _UploadBody(body, start, size, on_progress), headers, deadline)
         return download_uri
@@ -845,31 +857,39 @@ _STOPPED = "stopped"  # another thread stopped it
 _DONE, _FOLLOW, _RESEND, _ASK, _CUT, _RAISE = "done", "follow", "resend", "ask", "cut", "raise"
 
 
-def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -> Tuple[str, Any, Optional[float]]:
-    """What an answer or a failure of a call means: (what comes next, the error or the URL to
-    follow, the Retry-After to wait before sending it again, if the server said).
+class _Verdict(NamedTuple):
+    """What _judge says of an answer or a failure: what comes next, and what it needs."""
 
-    _RESEND sends it again, as its attempts allow; _ASK asks the record of its run whether it had
-    started (the run is sent again only if it had not, and its status is in its row's resend);
-    _CUT says that a run's answer was lost and its fallback decides. A one-time key allows one
-    request: nothing is followed, asked or sent again.
+    step: str
+    error: Any = None  # the error to raise, if it comes to that
+    target: Optional[str] = None  # where a redirect leads
+    retry_after: Optional[float] = None  # the server's wish, before the call is sent again
+
+
+def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -> _Verdict:
+    """What an answer or a failure of a call means.
+
+    _RESEND sends it again, as its attempts allow. _ASK asks the record of its run whether it had
+    started: if it had, its record holds its answer; if not, it is sent again only for a status
+    in its row's resend. _CUT says that a run's answer was lost and its fallback
+    decides. A one-time key allows one request: nothing is followed, asked or sent again.
     """
     call, once = request.call, request.key is not None and request.key.once
     if isinstance(outcome, _Failure):
-        return _judge_failure(request, outcome), _failure_error(request, outcome), None
-    if outcome.status < 300 or outcome.status in call.not_yet:
-        return _DONE, None, None
+        return _Verdict(_judge_failure(request, outcome), _failure_error(request, outcome))
+    if 200 <= outcome.status < 300 or outcome.status in call.not_yet:
+        return _Verdict(_DONE)
     target, why = _redirect_target(call, outcome, once or follows >= MAX_REDIRECTS)
     if target is not None:
-        return _FOLLOW, target, None
+        return _Verdict(_FOLLOW, target=target)
     error = _status_error(request, outcome, why)
     if isinstance(error, RunFailed) or once:
-        return _RAISE, error, None
+        return _Verdict(_RAISE, error)
     if call.starts == _RUN:
         if outcome.status == 504:
-            return _CUT, error, None
-        return (_ASK if request.request_id else _RAISE), error, _retry_after(outcome)
-    return (_RESEND if outcome.status in call.resend else _RAISE), error, _retry_after(outcome)
+            return _Verdict(_CUT, error)
+        return _Verdict(_ASK if request.request_id else _RAISE, error, None, _retry_after(outcome))
+    return _Verdict(_RESEND if outcome.status in call.resend else _RAISE, error, None, _retry_after(outcome))
 
 
 def _judge_failure(request: _Request, failure: _Failure) -> str:
@@ -927,21 +947,20 @@ class _Sender:
         follows = 0
         while True:
             outcome = self._exchange()
-            step, found, retry_after = _judge(self.request, outcome, follows)
-            if step == _DONE and isinstance(outcome, _Answer):
+            verdict = _judge(self.request, outcome, follows)
+            if verdict.step == _DONE and isinstance(outcome, _Answer):
                 return outcome
-            if step == _FOLLOW and isinstance(outcome, _Answer):
-                follows += 1
-                logger.debug("%s redirected to %s", self.request.describe(), _masked(found, outcome.key))
-                self.url = found
+            if verdict.step == _CUT:
+                raise _Unanswered(verdict.error)
+            if verdict.step == _ASK and self._may_resend_run(verdict):
                 continue
-            if step == _CUT:
-                raise _Unanswered(found)
-            if step == _ASK and self._may_resend_run(found, retry_after):
+            if verdict.step == _FOLLOW and verdict.target:
+                self.url, follows = verdict.target, follows + 1
+                logger.debug("%s redirected to %s", self.request.describe(), verdict.target)
                 continue
-            if step == _RESEND and self._again(found, retry_after):
+            if verdict.step == _RESEND and self._again(verdict.error, verdict.retry_after):
                 continue
-            raise found
+            raise verdict.error
 
     def _exchange(self) -> Union[_Answer, _Failure]:
         """The request sent once and its answer read, within the rate gate and the deadline."""
@@ -989,16 +1008,17 @@ class _Sender:
         logger.info("%s failed (%s); retry %d of %d", self.request.describe(), error, self.attempts.made, retries)
         return True
 
-    def _may_resend_run(self, error: APIStatusError, retry_after: Optional[float]) -> bool:
-        """After an error answer to POST /run not marked as the workflow's: whether to send it again.
+    def _may_resend_run(self, verdict: _Verdict) -> bool:
+        """After an answer to POST /run that is not the workflow's own: whether to send it again.
         A record that shows the run started holds its answer (raised as _Unanswered, for the run to
-        wait for). A refusal of the gateway (429, 503) is sent again, under the same id, only when
-        the record says that the run never started twice, RECORD_SETTLE apart (a record may lag its
-        run); any other error of a run that never started is raised as it is."""
+        wait for). A refusal of the gateway (429, 503) is sent again under the same id only when
+        the record says twice, RECORD_SETTLE apart, that the run never started (a record may lag
+        its run); anything else is raised as it is."""
+        error = verdict.error
         self._raise_if_started(error)
         if error.status_code not in self.request.call.resend or self.attempts.made >= self.attempts.retries:
             return False
-        wait = max(RECORD_SETTLE, self.attempts.pause(retry_after))
+        wait = max(RECORD_SETTLE, self.attempts.pause(verdict.retry_after))
         if not self.attempts.spend(wait, self.request.deadline, sleep=False):
             return False  # no time for a second look
         _sleep(wait, self.request.stop)
@@ -1163,11 +1183,12 @@ class _Transport:
         """The headers of a request: every API call's, with the key, then its own; to the storage
         host, only its own."""
         if request.key is None:
-            return {"User-Agent": USER_AGENT, **request.headers}
+            return {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate", **request.headers}
         return {
             "Authorization": "Bearer " + request.key.value,
             "Content-Type": "application/json",
             "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",  # what _Decoder reads, whatever requests or a session would ask for
             "User-Agent": USER_AGENT,
             **request.headers,
         }
@@ -1258,9 +1279,11 @@ def _unreachable(text: str) -> str:
 
 def _redirect_target(call: _Call, answer: _Answer, spent: bool) -> Tuple[Optional[str], str]:
     """Where a redirect may be followed, or None and why not: only as its row allows, and to the
-    API's own scheme, host and port, so that the key never travels; 307 and 308 keep the method
-    and body, 301, 302 and 303 are followed for a GET only (a POST would become a GET without its
-    inputs). ``spent``: a one-time key, or MAX_REDIRECTS followed already."""
+    API's own scheme, host and port, so that the key never travels (nor in the URL itself); 307
+    and 308 keep the method and body, 301, 302 and 303 are followed for a GET only (a POST would
+    become a GET without its inputs). A run follows only a redirect that adds or drops a trailing
+    slash, as a web framework answers before any route runs: any other may be the workflow's own
+    answer, given after its work. ``spent``: a one-time key, or MAX_REDIRECTS followed already."""
     status, location = answer.status, answer.headers.get("Location", "")
     if not 300 <= status < 400:
         return None, ""
@@ -1274,6 +1297,10 @@ def _redirect_target(call: _Call, answer: _Answer, spent: bool) -> Tuple[Optiona
     base = answer.url
     if _origin(target) is None or _origin(target) != _origin(base):
         return None, "it leaves the API's scheme, host and port, and the key must not"
+    if answer.key and answer.key in unquote(target):
+        return None, "its URL holds the API key"
+    if call.starts == _RUN and _slashless(target) != _slashless(base):
+        return None, "a run follows only a redirect that adds or drops a trailing slash"
     if spent:
         return None, (
             "a one-time key is spent by the first request"
@@ -1282,6 +1309,11 @@ def _redirect_target(call: _Call, answer: _Answer, spent: bool) -> Tuple[Optiona
         )
     api, parts = urlsplit(base), urlsplit(target)
     return urlunsplit((api.scheme, api.netloc, parts.path, parts.query, "")), ""  # the API's spelling, no fragment
+
+
+def _slashless(url: str) -> Tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.path.rstrip("/"), parts.query
 
 
 def _origin(url: str) -> Optional[Tuple[str, str, int]]:
@@ -1524,11 +1556,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WATCHDOG.forget_after_fork)
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's answer, but an interim answer (102 Processing, 103 Early Hints: any 1xx but
+    101) is skipped, as RFC 9110 says, not taken for the answer; http.client skips only 100."""
+
+    def _read_status(self) -> Tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            while self.fp.readline(_HEAD_LINE_MAX + 1).strip():
+                pass  # its headers
+
+
+_HEAD_LINE_MAX = 65536  # as http.client bounds a line of the head
+
+
 class _WatchedConnection(urllib3.connection.HTTPConnection):
     """A connection whose socket the watchdog can shut at any step: while its name is looked up
     (by the deadline, on a thread of its own), while it connects, while its answer comes, and
     after http.client has let go of it to hand it to an answer whose body ends with the connection."""
 
+    response_class = _FinalResponse
     watch: Optional[_Watch] = None
     _held: Any = None  # the socket being connected, or handed over to an answer's body
 
@@ -1642,6 +1691,7 @@ _WATCHED_POOLS = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
 
 _BLOCK = 64 << 10  # the most bytes read from a socket, or decoded from a block, at once
 _OUTPUT_FIELDS = ("responseStatus", "responseJson", "responseContent")  # a finished record has one
+_STATUS_TEXT = re.compile(r"\s*([0-9]{3})(?:\.0*)?\s*\Z")
 _CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
 _XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
 _XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
@@ -1664,6 +1714,9 @@ def _read(response: requests.Response, request: _Request, watch: Optional[_Watch
     read as it comes). An answer cut short, or by the watchdog, raises: it is never an answer."""
     key = request.key.value if request.key is not None else ""
     status, reason = response.status_code, _masked(response.reason or "", key)
+    if status < 200:  # through a session's adapter, which takes an interim answer for the answer
+        response.close()
+        raise _Cut(f"an interim answer ({status}) came, and no final one")
     if request.call.stream and status < 300:
         return _Answer(status, reason, response.headers, b"", response.url, key, response, watch)
     limit = OUTPUT_MAX if request.call.read == "run" or request.call in (_RESULT, _RECORD) else CONTROL_MAX
@@ -1777,11 +1830,24 @@ def _decode(content: Union[bytes, str]) -> Any:
 
 
 def _json_value(content: Union[bytes, str]) -> Any:
-    """JSON decoded, or ValueError; CodewordsError if nested too deeply to read."""
+    """JSON decoded, or ValueError; CodewordsError if nested too deeply to read. An integer of more
+    digits than Python 3.11+ turns from text at once (4,300) is read all the same."""
     try:
-        return json.loads(content)
+        try:
+            return json.loads(content)
+        except ValueError as exc:
+            if "integer string conversion" not in str(exc):
+                raise
+            return json.loads(content, parse_int=_whole_number)
     except RecursionError:
         raise CodewordsError("the server answered with JSON nested too deeply to read") from None
+
+
+def _whole_number(digits: str) -> int:
+    """A JSON integer of any length: through Decimal, which Python's limit on digits does not bound."""
+    import decimal  # for the rare answer that needs it, not on every import
+
+    return int(decimal.Decimal(digits))
 
 
 def _output_of(answer: _Answer) -> Any:
@@ -1839,7 +1905,9 @@ def _status_error(request: _Request, answer: _Answer, why: str) -> APIStatusErro
     if request.request_id:
         message += f" (request {request.request_id})"
     cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
-    if answer.headers.get("Error-Origin") == "service":
+    if storage:
+        cls = StorageError
+    elif answer.headers.get("Error-Origin") == "service":
         cls = RunFailed  # the workflow's own answer, not the API's
     error = cls(message, status_code=status, detail=detail, body=body, request_id=request.request_id)
     if isinstance(error, RateLimitError):
@@ -1934,7 +2002,7 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
             body=record,
             request_id=request_id,
         )
-    status = _response_status(record)
+    status = _response_status(record, request_id)
     output = record.get("responseJson")
     if output is None and isinstance(record.get("responseContent"), str):
         output = _decode(record["responseContent"])
@@ -1949,12 +2017,25 @@ def _output(record: Dict[str, Any], request_id: str) -> Any:
     return output
 
 
-def _response_status(record: Dict[str, Any]) -> Optional[int]:
-    """The workflow's own HTTP status in a record, which may come as a number or as digits."""
+def _response_status(record: Dict[str, Any], request_id: str) -> Optional[int]:
+    """The workflow's own HTTP status in a record: a whole number from 200 to 599, as a number or
+    as text (500, 500.0, "500", " 500.0\n"); None if the record has none. Anything else is no
+    status, and no output can be told from it: CodewordsError."""
     status = record.get("responseStatus")
-    if isinstance(status, str) and status.isdigit():
-        return int(status)
-    return status if isinstance(status, int) and not isinstance(status, bool) else None
+    if status is None:
+        return None
+    number: Any = status
+    if isinstance(status, str):
+        match = _STATUS_TEXT.match(status)
+        number = int(match.group(1)) if match else None
+    elif isinstance(status, float) and status.is_integer():
+        number = int(status)
+    if isinstance(number, int) and not isinstance(number, bool) and 200 <= number <= 599:
+        return number
+    raise CodewordsError(
+        f"the record of run {request_id} has responseStatus {_describe(status)}, which is no HTTP status",
+        request_id=request_id,
+    )
 
 
 def _finished(record: Dict[str, Any]) -> bool:
@@ -2064,27 +2145,24 @@ def _send_run(client: Client, plan: _RunPlan, deadline: float, sent: _Sent, foll
     try:
         return _output_of(client._send(request))
     except _Unanswered as unanswered:
-        if unanswered.record is not None:
-            _raise_as_the_workflows(unanswered.error, unanswered.record, request_id)  # type: ignore[arg-type]
-        return _fall_back(client, plan, deadline, sent, follower, unanswered.error)
-
-
-def _raise_as_the_workflows(error: CodewordsError, record: Dict[str, Any], request_id: str) -> None:
-    """An error answer to a run whose record shows it started: RunFailed, the workflow's own
-    answer; unless the record shows the run succeeded (the error was the gateway's)."""
-    status = _response_status(record)
-    if status is not None and status < 400:
-        error.args = (f"{error}; the run itself succeeded: {_pick_up(request_id)}",)
-        raise error
-    assert isinstance(error, APIStatusError)
-    raise RunFailed(
-        f"{error} (the workflow's own answer: the run had started)",
-        status_code=error.status_code,
-        detail=error.detail,
-        body=error.body,
-        request_id=request_id,
-        record=record,
-    )
+        lost = unanswered  # handled below, so that what follows is not chained to it
+    if lost.record is None:
+        return _fall_back(client, plan, deadline, sent, follower, lost.error)
+    record, error = lost.record, lost.error  # the run started: its answer is its record's
+    assert request_id is not None and isinstance(error, APIStatusError)
+    if not _finished(record):
+        logger.info("run %s answered %s while it goes on; waiting for it by its id", request_id, error)
+        record = _wait_for_record(client, plan.key, request_id, deadline)
+    if _response_status(record, request_id) == error.status_code:  # the answer was the workflow's own
+        raise RunFailed(
+            f"{error} (the workflow's own answer: the run had started)",
+            status_code=error.status_code,
+            detail=error.detail,
+            body=error.body,
+            request_id=request_id,
+            record=record,
+        )
+    return _output(record, request_id)
 
 
 def _fall_back(
@@ -2215,6 +2293,7 @@ class _Mapper:
         self._window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
         self._counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
         self._reading = True
+        self._input_error: Optional[Exception] = None  # raised once the runs sent before it are in
         self._done = 0
 
     def outputs(
@@ -2232,6 +2311,8 @@ class _Mapper:
             while True:
                 self._fill(pool, items)
                 if not self._window:
+                    if self._input_error is not None:
+                        raise self._input_error
                     return
                 running = [f for f in self._window if f not in self._counted]  # waiting on a finished one would spin
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -2252,9 +2333,13 @@ class _Mapper:
             pool.shutdown(wait=False)
 
     def _fill(self, pool: Any, items: Iterator[Tuple[int, Any]]) -> None:
-        """Submit items while the window has room: inputs are read only as workers free up."""
+        """Submit items while the window has room: inputs are read only as workers free up. An
+        error in reading them stops the reading; the runs already sent are waited for first."""
         while self._reading and len(self._window) < 2 * self._workers:
-            item = next(items, None)
+            try:
+                item = next(items, None)
+            except Exception as exc:
+                item, self._input_error = None, exc
             if item is None:
                 self._reading = False
             else:
@@ -2360,9 +2445,9 @@ class LogStream:
         self._failures = _Attempts(LOG_RECONNECTS, LOG_BACKOFF, self._stop)
         self._closes = _Attempts(math.inf, LOG_BACKOFF, self._stop)
         self._started = time.monotonic()
-        self._quiet_since = self._started  # when the last entry with a createdAt came, on any connection
+        self._next_check = self._started + LOG_READ_TIMEOUT  # when next to ask whether the run has ended
         self._ends_at: Optional[float] = None  # once the run has ended: when to stop draining
-        self._next_check = 0.0  # when next to ask a stream that sends no entries if the run has ended
+        self._ended_at: Optional[int] = None  # the record's completedAt, as an instant, once it has one
         self._entries = self._follow()
         with client._streams_lock:
             client._streams.add(self)
@@ -2398,7 +2483,12 @@ class LogStream:
     def _connection(self, position: _LogPosition) -> Generator[LogEntry, None, bool]:
         """Deliver what one connection brings that is new: True once the stream has ended, False
         to reconnect. A failure raises; a clean close while the run goes on is none."""
-        answer = self._open(position)
+        try:
+            answer = self._open(position)
+        except APITimeoutError:
+            if self._run_has_ended():
+                return True  # no answer in LOG_READ_TIMEOUT, and the run has ended: nothing will come
+            raise
         if answer is None:
             return False
         response = answer.response
@@ -2412,7 +2502,7 @@ class LogStream:
                     if entry is not None and position.is_new(entry, parser.event_id):
                         if isinstance(entry.get("createdAt"), str):  # news, not a keep-alive
                             self._failures.made = self._closes.made = 0
-                            self._quiet_since = time.monotonic()
+                            self._drain_for(entry["createdAt"])
                         yield entry
                     if self._drained():
                         return True
@@ -2424,7 +2514,8 @@ class LogStream:
             if answer.watch is not None:
                 _WATCHDOG.release(answer.watch)
             if parser.retry is not None:
-                self._failures.backoff = self._closes.backoff = (parser.retry, parser.retry)
+                retry = max(parser.retry, LOG_RETRY_MIN)
+                self._failures.backoff = self._closes.backoff = (retry, retry)
         self._check_stopped()
         if self._run_has_ended():
             return True  # the server ended the stream with the run
@@ -2452,7 +2543,7 @@ class LogStream:
             stop=self._stop,
         )
         try:
-            return self._client._send(request, self._failures)  # a failed reopen counts as a drop
+            return self._client._send(request, _Attempts(0, LOG_BACKOFF))  # _failed counts a failed reopen
         except NotFoundError:
             # A run just started, or still queued, may have no logs yet: wait while it goes on.
             if time.monotonic() - self._started < LOG_NOT_FOUND_GRACE:
@@ -2464,15 +2555,22 @@ class LogStream:
             return None
 
     def _drained(self) -> bool:
-        """Whether a stream that sends no entries with a timestamp, only keep-alives of any kind,
-        should end: the run has ended (asked once per LOG_READ_TIMEOUT of quiet) and LOG_GRACE
-        has passed since."""
+        """Whether a stream that goes on should end: the run has ended (asked once every
+        LOG_READ_TIMEOUT, whatever the stream sends: keep-alives may carry a createdAt too) and
+        LOG_GRACE has passed since, or since the last entry written before the run's end."""
         now = time.monotonic()
-        if self._ends_at is None and now - self._quiet_since >= LOG_READ_TIMEOUT and now >= self._next_check:
+        if self._ends_at is None and now >= self._next_check:
             self._next_check = now + LOG_READ_TIMEOUT
             if self._run_has_ended():
                 self._ends_at = now + LOG_GRACE
         return self._ends_at is not None and now >= self._ends_at
+
+    def _drain_for(self, created: str) -> None:
+        """An entry came after the run ended: written before its end, it is worth LOG_GRACE more."""
+        if self._ends_at is not None and self._ended_at is not None:
+            instant = _instant(created)
+            if instant is not None and instant <= self._ended_at:
+                self._ends_at = time.monotonic() + LOG_GRACE
 
     def _run_has_ended(self) -> bool:
         """Whether GET /request/{id} says the run has ended. A record that cannot be read (404,
@@ -2483,6 +2581,8 @@ class LogStream:
             if isinstance(exc, (AuthenticationError, RateLimitError, ServerError)):
                 raise
             return True
+        completed = record.get("completedAt")
+        self._ended_at = _instant(completed) if isinstance(completed, str) else None
         return _finished(record)
 
     def _failed(self, exc: BaseException) -> None:
@@ -2526,16 +2626,18 @@ class _LogFollower:
     def finish(self, drain_until: Optional[float] = None) -> None:
         """Stop following; with ``drain_until`` (a deadline), first let the stream reach its end (it
         ends with the run) for LOG_GRACE seconds, but not past it. Once this returns, on_log is
-        not running and is never called again for this stream."""
+        never called again for this stream; a call under way is waited for as long as the stream
+        was, and after Ctrl-C or an error for LOG_CALLBACK_WAIT: a slow on_log holds no one."""
         stream, thread = self._stream, self._thread
         if stream is None or thread is None:
             return
+        wait = LOG_CALLBACK_WAIT
         if drain_until is not None:
-            thread.join(max(0.0, min(LOG_GRACE, drain_until - time.monotonic())))
-        stream.close()  # the thread's blocked read returns at once, and it ends
-        with self._calling:
-            pass  # a call of on_log under way has ended; the closed stream lets no other begin
-        thread.join(LOG_GRACE)  # at once, but for a stream stuck where close() cannot reach
+            wait = max(0.0, min(LOG_GRACE, drain_until - time.monotonic()))
+            thread.join(wait)
+            wait = max(0.0, min(LOG_GRACE, drain_until - time.monotonic()))
+        stream.close()  # the thread's blocked read returns at once, and it ends; no other on_log begins
+        thread.join(wait)
         self._stream = self._thread = None
 
     def _pump(self, stream: LogStream) -> None:
@@ -2569,15 +2671,18 @@ class _LogParser:
     """The entries in the lines of one connection: NDJSON, or server-sent events read as the
     WHATWG spec says (an event's ``data:`` lines joined, comments and unknown fields ignored).
 
-    A ``text/event-stream`` answer, or one whose first line is an SSE field, is read as events;
-    in it, a line that starts with ``{`` is still an entry of its own, as the official clients
-    expect. An event of a type other than the default "message" (or "log") is not an entry: it
+    The declared type decides: ``text/event-stream`` is read as events, a JSON type (NDJSON,
+    JSON Lines) as lines; of any other type, or none, an answer whose first line is an SSE field
+    is read as events. In events, a line that starts with ``{`` is still an entry of its own, as
+    the official clients expect. An event of a type other than the default "message" (or "log") is not an entry: it
     is a keep-alive such as ``event: ping``. Anything else is NDJSON, where a line that starts
     with ``:`` is a comment too, and a line that is not a JSON object is ``{"rawText": line}``.
     """
 
     def __init__(self, content_type: str) -> None:
-        self.sse = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        self.sse = media_type == "text/event-stream"
+        self._sniff = not self.sse and "json" not in media_type  # a type that says neither: the first line tells
         self.event_id = ""  # the SSE "last event ID" at the last event
         self.retry: Optional[float] = None  # the SSE "retry:" in seconds
         self._data: List[str] = []
@@ -2590,7 +2695,7 @@ class _LogParser:
         if not self._started:
             text = text[1:] if text.startswith("\ufeff") else text  # a byte order mark
             self._started = bool(text.strip())
-            self.sse = self.sse or bool(_SSE_FIELD.match(text))
+            self.sse = self.sse or (self._sniff and bool(_SSE_FIELD.match(text)))
         if not self.sse:
             text = text.strip()
             return _parse_log_line(text) if text and not text.startswith(":") else None
@@ -2845,7 +2950,7 @@ class _SourceFailed(Exception):
 
 
 class _upload_source:
-    """Opens what ``upload`` was given: (source, start offset, size, default name); closes what it opened.
+    """Opens what ``upload`` was given: (source, start offset, size); closes what it opened.
 
     A regular file with a size is streamed from where it stands. Anything else read through a
     file descriptor or that cannot seek (a FIFO, a pipe, a socket, ``/dev/stdin``, a terminal, a
@@ -2857,18 +2962,13 @@ class _upload_source:
         self._source = source
         self._opened: Optional[IO[bytes]] = None
 
-    def __enter__(self) -> Tuple[Union[IO[bytes], memoryview], int, int, Optional[str]]:
-        source, name = self._source, None
+    def __enter__(self) -> Tuple[Union[IO[bytes], memoryview], int, int]:
+        source = self._source
         if isinstance(source, (bytes, bytearray, memoryview)):
             view = memoryview(source).cast("B")
-            return view, 0, view.nbytes, None
+            return view, 0, view.nbytes
         if isinstance(source, (str, os.PathLike)):
-            name = os.path.basename(os.fspath(source))
             source = self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
-        elif not callable(getattr(source, "read", None)):
-            raise TypeError(f"upload takes a path, bytes or a binary file object, not {type(source).__name__}")
-        elif isinstance(source, io.TextIOBase):
-            raise TypeError("upload needs a binary file object: open the file with 'rb'")
         try:
             if not _has_size(source):
                 source = self._copied(source)
@@ -2878,7 +2978,7 @@ class _upload_source:
         except BaseException:
             self.__exit__()
             raise
-        return source, start, size, name
+        return source, start, size
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._opened is not None:
@@ -2895,6 +2995,14 @@ class _upload_source:
             self._opened = copy  # closed by __exit__
         copy.seek(0)
         return copy
+
+
+def _check_source(source: Any) -> None:
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        if not callable(getattr(source, "read", None)):
+            raise TypeError(f"upload takes a path, bytes or a binary file object, not {type(source).__name__}")
+        if isinstance(source, io.TextIOBase):
+            raise TypeError("upload needs a binary file object: open the file with 'rb'")
 
 
 def _has_size(source: IO[bytes]) -> bool:
@@ -3010,7 +3118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return code
     if isinstance(output, bytes):  # an image, a PDF: as it came, for `> file.png`
         sys.stdout.flush()
-        sys.stdout.buffer.write(output)
+        sys.stdout.buffer.write(_unechoed(output))
         sys.stdout.buffer.flush()
     elif output is not _NO_OUTPUT:
         layout: Dict[str, Any] = {"indent": 2} if sys.stdout.isatty() else {"separators": (",", ":")}
@@ -3024,6 +3132,8 @@ _NO_OUTPUT: Any = object()  # a command that has printed what it had to say
 def _unechoed(value: Any) -> Any:
     """What the command line prints, with the key masked: a workflow or a server may echo it."""
     key = os.environ.get(API_KEY_ENV)
+    if key and isinstance(value, bytes):
+        return value.replace(key.encode("utf-8", "replace"), b"***")
     return _masked(value, key) if key else value
 
 

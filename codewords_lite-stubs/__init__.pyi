@@ -1,17 +1,7 @@
 # Generated from codewords_lite.py by tools/make_stubs.py: do not edit, run it again.
 import logging
 import os
-from typing import (
-    Any,
-    Callable,
-    Iterable,
-    Iterator,
-    Literal,
-    Mapping,
-    NamedTuple,
-    Protocol,
-    TypeVar,
-)
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple, Protocol, TypeVar
 
 import requests
 
@@ -31,6 +21,7 @@ __all__ = [
     "RunFailed",
     "RunTimeout",
     "ServerError",
+    "StorageError",
 ]
 
 __version__: str
@@ -60,6 +51,8 @@ LOG_BACKOFF: tuple[float, float]
 LOG_RECONNECTS: int
 LOG_NOT_FOUND_GRACE: float
 LOG_GRACE: float
+LOG_CALLBACK_WAIT: float
+LOG_RETRY_MIN: float
 LOG_LINE_MAX: int
 POOL_SIZE: int
 UPLOAD_BLOCK: int
@@ -137,6 +130,10 @@ class RunFailed(APIStatusError):
         request_id: str | None = None,
         record: dict[str, Any] | None = None,
     ) -> None: ...
+
+class StorageError(APIStatusError):
+    """The storage host refused an upload's bytes (its presigned URL expired, a bad signature,
+    no such bucket): not the API's refusal of the key, which is AuthenticationError."""
 
 class RunTimeout(CodewordsError, TimeoutError):
     """A deadline passed; the run may go on, and ``client.result(request_id)`` picks it up."""

@@ -83,6 +83,8 @@ def test_records_with_missing_or_oddly_typed_fields(record):
     except cw.APIStatusError as unexpected:  # a record with no output field at all (issue 13)
         assert all(record.get(field) is None for field in ("responseStatus", "responseJson", "responseContent"))
         assert "req_1" in str(unexpected)
+    except cw.CodewordsError as no_status:  # a responseStatus that is no HTTP status (issue 20)
+        assert "no HTTP status" in str(no_status) and "req_1" in str(no_status)
 
 
 @FUZZ
