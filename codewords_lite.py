@@ -49,6 +49,7 @@ import random
 import re
 import shutil
 import socket
+import ssl
 import stat
 import tempfile
 import threading
@@ -143,7 +144,7 @@ LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its en
 LOG_CALLBACK_WAIT = 0.5  # how long an on_log call under way is waited for after Ctrl-C or an error
 LOG_RETRY_MIN = 0.1  # the shortest pause before reopening a log stream, whatever its SSE retry: says
 LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
-POOL_SIZE = 100  # connections kept open to the API host; more calls at once than this open and close their own
+POOL_SIZE = 100  # connections kept open to the API host (Client's pool_size); calls beyond it open their own
 
 UPLOAD_BLOCK = 1 << 20  # bytes read from the source per write to the socket
 UPLOAD_READ_TIMEOUT = 120.0  # for the storage host's answer to a PUT
@@ -308,6 +309,7 @@ class _ClientDefault:
 
 
 _CLIENT_DEFAULT: Any = _ClientDefault()
+_SETTINGS = "base_url timeout sync_timeout connect_timeout max_retries fallback headers pool_size".split()  # pickled
 
 
 class Client:
@@ -315,6 +317,8 @@ class Client:
 
     The API key is read when first needed, so making a client never fails for a missing key.
     ``headers`` go with every run it sends (X-Correlation-Id, Run-As-Template: yes).
+    ``pool_size`` connections to the API host are kept open for reuse (more threads than that
+    calling at once open and close their own).
     With a one-time key (``cwotk-``) every call sends exactly one request, since the first
     request spends the key: no retries, no provisioned id, no fallback, no log stream, one
     poll; a call that needs more (``on_log``, ``map``) is refused before anything is sent.
@@ -332,6 +336,7 @@ class Client:
         fallback: Optional[Literal["resume", "rerun"]] = "resume",
         headers: Optional[Mapping[str, str]] = None,
         session: Optional[requests.Session] = None,
+        pool_size: int = POOL_SIZE,
     ) -> None:
         if base_url is None:
             base_url = next((os.environ[n] for n in BASE_URL_ENVS if os.environ.get(n)), None)
@@ -339,14 +344,13 @@ class Client:
         self.timeout = _check_seconds("timeout", timeout)
         self.sync_timeout = _check_seconds("sync_timeout", sync_timeout)
         self.connect_timeout = _check_seconds("connect_timeout", connect_timeout)
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be a whole number >= 0, not {max_retries!r}")
-        self.max_retries = max_retries
+        self.max_retries = _check_count("max_retries", max_retries, 0)
+        self.pool_size = _check_count("pool_size", pool_size, 1)
         self.fallback: Optional[Literal["resume", "rerun"]] = _check_fallback(fallback)
         self.headers = _check_headers(headers)  # sent with every run, under those of the call
         self._api_key = api_key
         self._given_session = session
-        self._transport = _Transport(self.base_url, session)
+        self._transport = _Transport(self.base_url, session, self.pool_size)
         self._gate = _RateGate()
         self._closed = False
         self._streams: weakref.WeakSet[LogStream] = weakref.WeakSet()  # live logs(), stopped by close()
@@ -358,8 +362,7 @@ class Client:
     def __getstate__(self) -> Dict[str, Any]:
         """A pickle carries the settings and a key given as an argument; never a key read from
         the environment (read again where it is unpickled), nor sessions or a given session."""
-        settings = ("base_url", "timeout", "sync_timeout", "connect_timeout", "max_retries", "fallback", "headers")
-        return {"api_key": self._api_key, **{name: getattr(self, name) for name in settings}}
+        return {"api_key": self._api_key, **{name: getattr(self, name) for name in _SETTINGS}}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -459,8 +462,7 @@ class Client:
         """
         plan = self._plan(service_id, path, "POST", headers, fallback, None)  # bad names fail here, not per item
         plan.key.refuse("map sends a request an item")
-        if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
-            raise ConfigurationError(f"max_workers must be a whole number >= 1, not {max_workers!r}")
+        _check_count("max_workers", max_workers, 1)
         seconds = self.timeout if timeout is None else _check_seconds("timeout", timeout)
         total = len(inputs) if isinstance(inputs, collections.abc.Sized) else None
         mapper = _Mapper(self, plan, seconds, max_workers, return_exceptions)
@@ -639,6 +641,12 @@ def _check_seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ConfigurationError(f"{name} must be a number of seconds above 0, not {value!r}")
     return float(value)
+
+
+def _check_count(name: str, value: Any, least: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigurationError(f"{name} must be a whole number >= {least}, not {value!r}")
+    return value
 
 
 def _check_fallback(fallback: Any) -> Optional[Literal["resume", "rerun"]]:
@@ -852,6 +860,7 @@ _UNSENT = "unsent"  # no connection could be made: nothing left
 _LOST = "lost"  # the connection failed after the request left: dropped, reset, cut short
 _TIMEOUT = "timeout"  # no answer within the read timeout
 _DEADLINE = "deadline"  # the deadline passed while it was under way: the watchdog cut it
+_UNTRUSTED = "untrusted"  # the server's TLS certificate was refused: it will be refused again
 _STOPPED = "stopped"  # another thread stopped it
 # What _judge says comes next:
 _DONE, _FOLLOW, _RESEND, _ASK, _CUT, _RAISE = "done", "follow", "resend", "ask", "cut", "raise"
@@ -1122,9 +1131,9 @@ class _Transport:
     storage host is reached through the pool in either case, with no key, cookie or credential.
     A child process after fork() opens connections of its own."""
 
-    def __init__(self, base_url: str, session: Optional[requests.Session]) -> None:
-        self._session = session
-        self._pool = _WatchedAdapter(pool_maxsize=POOL_SIZE)
+    def __init__(self, base_url: str, session: Optional[requests.Session], pool_size: int) -> None:
+        self._session, self._pool_size = session, pool_size
+        self._pool = _WatchedAdapter(pool_maxsize=pool_size)
         self._pid = os.getpid()
         # Proxies and the CA bundle come from the environment once, not on every call.
         self._proxies = requests.utils.get_environ_proxies(base_url)
@@ -1205,7 +1214,7 @@ class _Transport:
         """The pool. A child process after fork() gets a new one: sharing the parent's sockets
         would mix the two processes' answers (the child's copies are dropped)."""
         if not self.is_ours():
-            self._pool, self._pid = _WatchedAdapter(pool_maxsize=POOL_SIZE), os.getpid()
+            self._pool, self._pid = _WatchedAdapter(pool_maxsize=self._pool_size), os.getpid()
         return self._pool
 
 
@@ -1234,6 +1243,14 @@ def _failure_of(exc: BaseException, request: _Request, url: str, watch: Optional
         return _Failure(_DEADLINE, "the deadline passed before the whole answer came", timeout=True)
     text = _foreign_text(exc, request.key)
     timed_out = isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout))
+    unverified = _unverified(exc)
+    if unverified is not None:  # it can never pass: not sent again
+        host = urlsplit(url).hostname
+        return _Failure(
+            _UNTRUSTED,
+            f"the TLS certificate of {host} could not be verified ({unverified}): for a private CA, give"
+            " its bundle in $REQUESTS_CA_BUNDLE, or in session.verify with Client(session=...)",
+        )
     if _nothing_sent(exc):  # in words, not urllib3's pool and connection objects
         return _Failure(_UNSENT, f"could not connect to {_origin_of(url)}: {_unreachable(text)}", timed_out)
     return _Failure(_TIMEOUT if timed_out else _LOST, text, timed_out)
@@ -1246,6 +1263,20 @@ def _failure_error(request: _Request, failure: _Failure) -> Exception:
     cls = APITimeoutError if failure.timeout else APIConnectionError
     what = ": " if failure.kind == _LATE else " failed: "
     return cls(f"{request.describe()}{what}{failure.text}", request_id=request.request_id)
+
+
+def _unverified(exc: BaseException) -> Optional[str]:
+    """Why a certificate was refused (a wrong CA, a host name it does not name), if that is what
+    failed: found in the exceptions that requests and urllib3 wrap around ssl's."""
+    todo: List[BaseException] = [exc]
+    for _ in range(16):  # requests' error wraps urllib3's, which wraps ssl's: a few levels at most
+        if not todo:
+            break
+        found = todo.pop()
+        if isinstance(found, ssl.SSLCertVerificationError):
+            return str(found.verify_message or found.reason or found)
+        todo += [e for e in (getattr(found, "reason", None), *found.args) if isinstance(e, BaseException)]
+    return None
 
 
 def _nothing_sent(exc: BaseException) -> bool:
@@ -2325,7 +2356,9 @@ class _Mapper:
             listed = ", ".join(f"item {i} ({r or 'no request id known'})" for i, r in going_on)
             message = f"map of {self._plan.service_id} interrupted; runs that go on: {listed or 'none'}"
             logger.warning(message + "; no other run is sent")
-            raise KeyboardInterrupt(message + "; no other run is sent") from None
+            interrupt = KeyboardInterrupt(message + "; no other run is sent")
+            interrupt.request_ids = [r for _, r in going_on if r]  # type: ignore[attr-defined]
+            raise interrupt from None
         finally:
             self._gate.stop()
             for future in self._window:

@@ -160,6 +160,8 @@ class Client:
 
     The API key is read when first needed, so making a client never fails for a missing key.
     ``headers`` go with every run it sends (X-Correlation-Id, Run-As-Template: yes).
+    ``pool_size`` connections to the API host are kept open for reuse (more threads than that
+    calling at once open and close their own).
     With a one-time key (``cwotk-``) every call sends exactly one request, since the first
     request spends the key: no retries, no provisioned id, no fallback, no log stream, one
     poll; a call that needs more (``on_log``, ``map``) is refused before anything is sent.
@@ -170,6 +172,7 @@ class Client:
     sync_timeout: float
     connect_timeout: float
     max_retries: int
+    pool_size: int
     fallback: Literal["resume", "rerun"] | None
     headers: dict[str, str]
     def __init__(
@@ -184,6 +187,7 @@ class Client:
         fallback: Literal["resume", "rerun"] | None = "resume",
         headers: Mapping[str, str] | None = None,
         session: requests.Session | None = None,
+        pool_size: int = ...,
     ) -> None: ...
     def __repr__(self) -> str: ...
     def __getstate__(self) -> dict[str, Any]:

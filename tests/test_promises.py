@@ -100,6 +100,7 @@ def test_ctrl_c_in_map_names_exactly_the_runs_sent(runtime, client):
     assert 1 <= len(sent) <= 2
     assert all(request_id in str(info.value) for request_id in sent)
     assert str(info.value).count("req_") == len(sent)
+    assert sorted(info.value.request_ids) == sorted(sent)  # for a program to act on, not only to read
     time.sleep(0.7)
     assert len(runtime.calls_to("POST", "/run/")) == len(sent)
 
