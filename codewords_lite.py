@@ -998,13 +998,8 @@ class _Sender:
     def _read_timeout(self) -> float:
         if self.request.read_timeout is not None:
             return self.request.read_timeout
-        read = self.request.call.read
-        return (
-            self.client.sync_timeout
-            if read == "run"
-            else UPLOAD_READ_TIMEOUT
-            if read == "upload"
-            else QUICK_READ_TIMEOUT
+        return {"run": self.client.sync_timeout, "upload": UPLOAD_READ_TIMEOUT}.get(
+            self.request.call.read, QUICK_READ_TIMEOUT
         )
 
     def _again(self, error: CodewordsError, retry_after: Optional[float]) -> bool:
@@ -1517,10 +1512,7 @@ class _Watchdog:
     def fire(self, watch: _Watch) -> None:
         """Shut the call's socket now, or as soon as it has one."""
         with self._changed:
-            watch.fired = True
-            self._shut(watch)
-            if watch.wake is not None:
-                watch.wake.set()
+            self._fire(watch)
 
     def wait(self, watch: Optional[_Watch], done: threading.Event) -> None:
         """Wait for ``done``, but not past the watch's deadline, nor once it is fired."""
@@ -1553,6 +1545,13 @@ class _Watchdog:
         """The thread does not survive a fork: a child starts afresh."""
         self.__init__()  # type: ignore[misc]
 
+    def _fire(self, watch: _Watch) -> None:
+        """Under the lock: the watch fired, its socket shut, and a name lookup waiting on it woken."""
+        watch.fired = True
+        self._shut(watch)
+        if watch.wake is not None:
+            watch.wake.set()
+
     def _shut(self, watch: _Watch) -> None:
         """Under the lock: shut the socket the call's connection uses, if it has one."""
         sock = watch.connection.socket_in_use() if watch.connection is not None else None
@@ -1575,11 +1574,7 @@ class _Watchdog:
                 if left > 0:
                     self._changed.wait(left)
                     continue
-                watch = heapq.heappop(self._heap)
-                watch.fired = True
-                self._shut(watch)
-                if watch.wake is not None:
-                    watch.wake.set()
+                self._fire(heapq.heappop(self._heap))
 
 
 _WATCHDOG = _Watchdog()
@@ -2982,52 +2977,31 @@ class _SourceFailed(Exception):
         self.error = error
 
 
-class _upload_source:
-    """Opens what ``upload`` was given: (source, start offset, size); closes what it opened.
+@contextlib.contextmanager
+def _upload_source(source: Any) -> Iterator[Tuple[Union[IO[bytes], memoryview], int, int]]:
+    """What ``upload`` was given, opened: (source, start offset, size); what it opened is closed after.
 
     A regular file with a size is streamed from where it stands. Anything else read through a
     file descriptor or that cannot seek (a FIFO, a pipe, a socket, ``/dev/stdin``, a terminal, a
     file of ``/proc``, whose size says 0) is first copied to a temporary file, to its end, for its
     size and for retries. A device that is not a terminal (``/dev/urandom``) is refused.
     """
-
-    def __init__(self, source: Any) -> None:
-        self._source = source
-        self._opened: Optional[IO[bytes]] = None
-
-    def __enter__(self) -> Tuple[Union[IO[bytes], memoryview], int, int]:
-        source = self._source
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            view = memoryview(source).cast("B")
-            return view, 0, view.nbytes
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source).cast("B")
+        yield view, 0, view.nbytes
+        return
+    with contextlib.ExitStack() as opened:
         if isinstance(source, (str, os.PathLike)):
-            source = self._opened = open(source, "rb")  # FileNotFoundError, PermissionError: before any request
-        try:
-            if not _has_size(source):
-                source = self._copied(source)
-            start = source.tell()
-            size = source.seek(0, os.SEEK_END) - start
-            source.seek(start)
-        except BaseException:
-            self.__exit__()
-            raise
-        return source, start, size
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._opened is not None:
-            self._opened.close()
-
-    def _copied(self, source: IO[bytes]) -> IO[bytes]:
-        """A temporary file holding what the source yields to its end (the source closed if opened here)."""
-        copy = tempfile.TemporaryFile()
-        try:
+            source = opened.enter_context(open(source, "rb"))  # FileNotFoundError, PermissionError: nothing sent
+        if not _has_size(source):
+            copy = opened.enter_context(tempfile.TemporaryFile())
             shutil.copyfileobj(source, copy, UPLOAD_BLOCK)
-        finally:
-            if self._opened is not None:
-                self._opened.close()
-            self._opened = copy  # closed by __exit__
-        copy.seek(0)
-        return copy
+            source = copy
+            source.seek(0)
+        start = source.tell()
+        size = source.seek(0, os.SEEK_END) - start
+        source.seek(start)
+        yield source, start, size
 
 
 def _check_source(source: Any) -> None:
