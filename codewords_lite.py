@@ -351,6 +351,7 @@ class Client:
         self._api_key = api_key
         self._given_session = session
         self._transport = _Transport(self.base_url, session, self.pool_size)
+        self._ids = _Reserve(1)  # request ids ahead of need
         self._gate = _RateGate()
         self._closed = False
         self._streams: weakref.WeakSet[LogStream] = weakref.WeakSet()  # live logs(), stopped by close()
@@ -2086,6 +2087,7 @@ class _RunPlan(NamedTuple):
     fallback: Optional[str]
     on_log: Optional[Callable[[LogEntry], Any]]
     admit: Optional[Callable[[_Sent], None]] = None  # a map's: lets the run be sent, unless the map has stopped
+    ids: Optional[_Reserve] = None  # where its request id comes from: a map's reserve, else the client's
 
     def given(self, inputs: Any) -> _RunPlan:
         """The plan with its inputs: the body of a POST, or the query of a GET."""
@@ -2126,9 +2128,19 @@ def _run(client: Client, plan: _RunPlan, deadline: float, request_id: Optional[s
     sent = _Sent(request_id)
     follower = _LogFollower(client, plan.key, plan.on_log) if plan.on_log is not None else None
     with _waiting(follower, deadline, lambda: sent.interrupted(plan.service_id)):
+        reserve, reserved = plan.ids or client._ids, False
         if request_id is None and plan.needs_id:
-            sent.ids[-1] = _provision_for_run(client, plan.key, deadline)
+            sent.ids[-1], reserved = reserve.take(client, plan.key, deadline)
         sent.sending = True
+        if follower is not None:
+            follower.follow(sent.current)
+        try:
+            return _send_run(client, plan, deadline, sent, follower)
+        except APIStatusError as exc:
+            if not reserved or not reserve.refused(client, plan, exc):
+                raise
+        logger.info("the reserved request id %s was refused; sending the run under a new one", sent.current)
+        sent.ids[-1] = _provision_for_run(client, plan.key, deadline)
         if follower is not None:
             follower.follow(sent.current)
         return _send_run(client, plan, deadline, sent, follower)
@@ -2217,6 +2229,75 @@ def _fall_back(
     if follower is not None:
         follower.follow(request_id)
     return _output(_wait_for_record(client, plan.key, request_id, deadline), request_id)
+
+
+class _Reserve:
+    """Request ids provisioned ahead of need, so that a run leaves without waiting for its own
+    provision: at most ``size`` held, refilled in the background as they are taken. A client's
+    reserve starts with its second run (a client that runs once provisions once, and leaves no id
+    unused); a map's holds ids for the items waiting behind the running ones. Never pickled (a
+    client's pickle holds its settings only) and dropped in a child after fork(): no two runs
+    ever carry the same id."""
+
+    def __init__(self, size: int, ahead: Optional[Callable[[], int]] = None) -> None:
+        self._size, self._ahead = size, ahead  # ahead: how many items wait for an id (a map's)
+        self._ids: List[Tuple[str, str]] = []  # (the key it was provisioned with, the id)
+        self._coming = 0  # provisions under way
+        self._takes = 0
+        self._changed = threading.Condition()
+        self._pid = os.getpid()
+
+    def take(self, client: Client, key: _Key, deadline: float) -> Tuple[Optional[str], bool]:
+        """An id for a run, and whether it came from the reserve: one held, or one under way, else
+        one provisioned now (None if the API offers none). Then the reserve is refilled."""
+        with self._changed:
+            if self._pid != os.getpid():  # a child after fork(): the parent's ids are the parent's
+                self._ids, self._coming, self._pid = [], 0, os.getpid()
+            self._ids = [(k, i) for k, i in self._ids if k == key.value]
+            self._changed.wait_for(lambda: self._ids or not self._coming, max(0.0, deadline - time.monotonic()))
+            self._takes += 1
+            held = self._ids.pop()[1] if self._ids else None
+        self.refill(client, key)
+        if held is not None:
+            return held, True
+        return _provision_for_run(client, key, deadline), False
+
+    def refused(self, client: Client, plan: _RunPlan, error: APIStatusError) -> bool:
+        """Whether a run's reserved id was refused (it may have expired): a 404, 409 or 410 of the
+        API's, and the id's record is gone or shows that no run started."""
+        request_id = error.request_id
+        if isinstance(error, RunFailed) or error.status_code not in (404, 409, 410) or request_id is None:
+            return False
+        try:
+            record = _record(client, plan.key, request_id, client._deadline(None))
+        except NotFoundError:
+            return True
+        except CodewordsError:
+            return False
+        return not (record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None)
+
+    def refill(self, client: Client, key: _Key) -> None:
+        """Provision in the background until the ids held and under way are what is wanted: after
+        each take, and as a map submits items."""
+        wanted = self._ahead() if self._ahead is not None else int(self._takes > 1)
+        with self._changed:
+            count = max(0, min(wanted, self._size) - len(self._ids) - self._coming)
+            self._coming += count
+        for _ in range(count):
+            threading.Thread(target=self._provision, args=(client, key), name="codewords-ids", daemon=True).start()
+
+    def _provision(self, client: Client, key: _Key) -> None:
+        request_id = None
+        try:
+            request = _Request(_PROVISION, _PROVISION.path, key, client._deadline(QUICK_READ_TIMEOUT))
+            request_id = _request_id_in(client._send(request))
+        except (CodewordsError, RuntimeError) as exc:  # the next run provisions its own
+            logger.debug("a request id for the reserve could not be provisioned: %s", exc)
+        with self._changed:
+            self._coming -= 1
+            if request_id is not None and self._pid == os.getpid():
+                self._ids.append((key.value, request_id))
+            self._changed.notify_all()
 
 
 def _provision_for_run(client: Client, key: _Key, deadline: float) -> Optional[str]:
@@ -2319,6 +2400,8 @@ class _Mapper:
         self._window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
         self._counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
         self._reading = True
+        self._submitted = 0
+        self._ids = _Reserve(workers, ahead=lambda: self._gate.waiting(self._submitted))
         self._input_error: Optional[Exception] = None  # raised once the runs sent before it are in
         self._done = 0
 
@@ -2372,6 +2455,9 @@ class _Mapper:
                 self._reading = False
             else:
                 self._window[pool.submit(self._run_item, *item)] = item[0]
+                self._submitted += 1
+        if self._plan.needs_id:
+            self._ids.refill(self._client, self._plan.key)  # the ids of the items now waiting, fetched ahead
 
     def _count(self, finished: Set[Future[Any]]) -> None:
         """Count the runs that finished; the first failure cancels what comes after it."""
@@ -2403,8 +2489,8 @@ class _Mapper:
     def _run_item(self, index: int, item: Any) -> Any:
         """One item: its run planned and sent, unless the map has stopped."""
         gate = self._gate
-        plan = self._plan.given(item)._replace(admit=lambda sent: gate.admit(index, sent))
-        gate.check()
+        plan = self._plan.given(item)._replace(admit=lambda sent: gate.admit(index, sent), ids=self._ids)
+        gate.begin()
         try:
             return _run(self._client, plan, time.monotonic() + self._seconds, None)
         finally:
@@ -2418,10 +2504,21 @@ class _MapGate:
         self._lock = threading.Lock()
         self._stopped = False
         self._sent: Dict[int, _Sent] = {}  # item index -> what its run sent, while it goes on
+        self._started = 0
 
     def check(self) -> None:
         if self._stopped:
             raise CodewordsError("not sent: the map has stopped")
+
+    def begin(self) -> None:
+        """An item's run begins (counted, for the ids wanted ahead), unless the map has stopped."""
+        with self._lock:
+            self._started += 1
+            self.check()
+
+    def waiting(self, submitted: int) -> int:
+        """How many of the items submitted wait to begin (none once the map has stopped)."""
+        return 0 if self._stopped else submitted - self._started
 
     def admit(self, index: int, sent: _Sent) -> None:
         """Let a run of the map be sent, unless the map has stopped."""

@@ -20,9 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_map_500_items_over_16_workers_in_order(runtime, client):
+    """Connections are bounded by the calls at once: a worker's run, and with provisioned ids the
+    provision ahead for the item waiting behind it (issue 22); a map without ids, one per worker."""
     items = [{"i": i, "text": "x" * (i % 7)} for i in range(500)]
     assert list(client.map("echo", items, max_workers=16)) == items
     assert runtime.executions["echo"] == 500
+    assert len({call["peer"] for call in runtime.calls}) <= 2 * 16
+    runtime.calls.clear()
+    assert list(client.map("echo", items, max_workers=16, fallback=None)) == items
     assert len({call["peer"] for call in runtime.calls}) <= 16  # a connection per worker at most
 
 

@@ -32,8 +32,8 @@ SOCKETS_SCRIPT = textwrap.dedent(
         return count
 
     client = cw.Client(sys.argv[2], base_url=sys.argv[3])
-    for _ in range(10):
-        list(client.map("echo", [{"i": i} for i in range(16)], max_workers=8))
+    for _ in range(10):  # fallback=None: 8 calls at once (the default adds the provisions of the items ahead)
+        list(client.map("echo", [{"i": i} for i in range(16)], max_workers=8, fallback=None))
     after_maps = sockets()
     for _ in range(50):  # 200 short-lived threads, 4 at a time
         batch = [threading.Thread(target=client.run, args=("echo",), kwargs={"fallback": None}) for _ in range(4)]
