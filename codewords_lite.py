@@ -142,7 +142,7 @@ LOG_RECONNECTS = 10  # drops in a row, with no entry between them, before giving
 LOG_NOT_FOUND_GRACE = 5.0  # seconds a just-started run's logs may answer 404 before we ask about the run
 LOG_GRACE = 2.0  # how long a finished run's log stream may take to reach its end
 LOG_CALLBACK_WAIT = 0.5  # how long an on_log call under way is waited for after Ctrl-C or an error
-LOG_RETRY_MIN = 0.1  # the shortest pause before reopening a log stream, whatever its SSE retry: says
+LOG_RETRY_MIN = 0.2  # the shortest reconnect delay of a log stream, whatever its SSE retry: says
 LOG_LINE_MAX = 16 << 20  # a longer log line is not a log line: the stream is refused
 POOL_SIZE = 100  # connections kept open to the API host (Client's pool_size); calls beyond it open their own
 
@@ -1751,7 +1751,7 @@ def _read(response: requests.Response, request: _Request, watch: Optional[_Watch
         body = _whole_body(response, CONTROL_MAX if status >= 300 else limit, cut=status >= 300)
     except _TooLarge as exc:
         raise APIStatusError(
-            f"{status} from {request.describe()}: the answer is larger than {exc.limit >> 20} MiB, which no answer"
+            f"{status} from {request.describe()}: the answer is larger than {_size(exc.limit)}, which no answer"
             f" of {'a run' if limit == OUTPUT_MAX else 'the API'} should be",
             status_code=status,
             request_id=request.request_id,
@@ -1761,6 +1761,14 @@ def _read(response: requests.Response, request: _Request, watch: Optional[_Watch
     if watch is not None and watch.cut:
         raise _Cut("the deadline passed before the whole answer came")
     return _Answer(status, reason, response.headers, body, response.url, key)
+
+
+def _size(count: int) -> str:
+    """A size in bytes as people say it: 16 MiB, 64 KiB, 1000 bytes."""
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            return f"{count >> shift} {unit}"
+    return f"{count} bytes"
 
 
 class _TooLarge(Exception):
@@ -2945,7 +2953,7 @@ def _split_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
         after_cr = after_cr if not block else cut == len(pending) and pending.endswith(b"\r")
         del pending[:cut]
         if len(pending) > LOG_LINE_MAX:
-            raise CodewordsError(f"the log stream sent a line longer than {LOG_LINE_MAX >> 20} MiB: it is not a log")
+            raise CodewordsError(f"the log stream sent a line longer than {_size(LOG_LINE_MAX)}: it is not a log")
     if pending:
         yield bytes(pending)
 
