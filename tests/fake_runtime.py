@@ -8,7 +8,8 @@ Or on its own, to try the client without an account (it prints the key and URL t
     python tests/fake_runtime.py --port 8787
 
 It serves every endpoint that codewords_lite.py calls (provision, run, run_async, result, request,
-logs, file), runs a few test workflows (see SERVICES; add your own there), counts their executions,
+logs, file), runs a few test workflows (see SERVICES; add your own there: one that raises answers 500
+with Error-Origin: service and its traceback, as the real runtime does), counts their executions,
 can play a gateway that answers 504 while the run goes on, and takes injected faults: status codes
 with Retry-After, dropped connections, slow, trickled and truncated answers. One-time keys (cwotk-)
 are spent by the first request that carries them. A second server on another port plays the
@@ -31,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -321,10 +323,14 @@ class FakeRuntime:
             except OSError as exc:  # the workflow is down or hung up: the gateway's own answer
                 status, headers, body = 502, {"Content-Type": "text/plain"}, f"bad gateway: {exc}".encode()
         else:
-            status, output, content_type = SERVICES[service_id](request.inputs, log)
-            body = json.dumps(output).encode() if content_type == "application/json" else output
+            try:
+                status, output, content_type = SERVICES[service_id](request.inputs, log)
+                body = json.dumps(output).encode() if content_type == "application/json" else output
+                raised = False
+            except Exception as exc:  # a bug in the workflow: a 500 of its own, at once, not a run that never ends
+                status, body, content_type, raised = 500, _unhandled(exc), "application/json", True
             headers = {"Content-Type": content_type}
-            if status >= 400 and service_id not in RETURNED_ERRORS:  # as the official package's handlers do
+            if status >= 400 and (raised or service_id not in RETURNED_ERRORS):  # as the official handlers do
                 headers["Error-Origin"] = "service"
         with self.lock:
             self.answers[request_id] = (status, headers, body)
@@ -377,6 +383,16 @@ class Forwarded:
         finally:
             connection.close()
         return answer.status, {k: v for k, v in answer.getheaders() if k.lower() not in HOP_BY_HOP}, body
+
+
+def _unhandled(exc: Exception) -> bytes:
+    """The answer to a workflow that raised, as the official package's handler of unhandled
+    exceptions writes it (tests/workflows/service.py): its last frames, in a detail of 2,000
+    characters at most. The traceback goes to standard error too, as a server's log would show it."""
+    traceback.print_exc(file=sys.stderr)
+    frames = traceback.extract_tb(exc.__traceback__)[-5:]
+    trace = "".join(traceback.format_list(frames)) + f"{type(exc).__name__}: {exc}"
+    return json.dumps({"detail": "Internal server error:\n\n" + trace[:2000]}).encode()
 
 
 def _record_fields(status: int, headers: Dict[str, str], body: bytes) -> Dict[str, Any]:
