@@ -23,6 +23,7 @@ request record filled from their answer.
 
 import collections
 import datetime
+import errno
 import hashlib
 import http.client
 import itertools
@@ -854,23 +855,38 @@ class _StorageHandler(_Handler):
         self.send(status, body.encode(), content_type="application/xml")
 
 
-# -- the command line: the emulator on its own, until Ctrl-C -------------------------------------
+# -- the command line: the emulator on its own, until Ctrl-C or SIGTERM --------------------------
 
 WORKFLOW_HELP = {
     "echo": "answers its inputs",
     "check": 'answers its inputs, or 422 if they hold {"fail": "why"}',
     "sleep": 'takes {"seconds": 1, "lines": 0}, logging a line per step',
     "fail": 'answers {"status": 500, "detail": "boom"} as the workflow\'s error',
+    "refuse": 'returns {"status": 503} without Error-Origin, as the gateway\'s own refusals come',
     "text": 'answers {"text": "hello"} as plain text',
     "empty": "answers 204 with no body",
+    "echo-bytes": 'answers the bytes given as {"hex": "89504e47"}, as image/png',
     "talk": 'logs {"lines": 10} lines, {"interval": 0.01} s apart',
+    "script": 'logs the {"entries": [...]} given, as given, {"interval": 0} s apart',
 }
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM: stop serving."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
+    import os
+    import signal
 
-    parser = argparse.ArgumentParser(description="Serve the CodeWords runtime emulator on 127.0.0.1 until Ctrl-C.")
+    parser = argparse.ArgumentParser(
+        description="Serve the CodeWords runtime emulator on 127.0.0.1 until Ctrl-C or SIGTERM (kill PID)."
+    )
     parser.add_argument("--port", type=int, default=8787, help="the API's port; 0 takes a free one (default 8787)")
     parser.add_argument(
         "--gateway-timeout",
@@ -882,19 +898,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         runtime = FakeRuntime(port=args.port, gateway_timeout=args.gateway_timeout)
     except OSError as exc:
-        parser.exit(2, f"cannot serve on 127.0.0.1:{args.port} ({exc.strerror}): pick another --port\n")
+        hint = "another emulator may be serving there: stop it, or " if exc.errno == errno.EADDRINUSE else ""
+        parser.exit(2, f"cannot serve on 127.0.0.1:{args.port} ({exc.strerror}): {hint}pick another --port\n")
+    # Installed, not inherited: a shell starts a background job (`&`) with SIGINT ignored, which
+    # Python then leaves ignored; and SIGTERM (kill) would end it without closing its servers.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
     with runtime:
-        print(f"The CodeWords runtime emulator is serving on {runtime.url}. In another shell:\n")
-        print(f"    export CODEWORDS_API_KEY={runtime.api_key} CODEWORDS_BASE_URL={runtime.url}")
-        print('    codewords-lite run echo \'{"name": "Ada"}\'\n')
-        print("Its workflows:")
-        for name in SERVICES:
-            print(f"    {name:8}{WORKFLOW_HELP.get(name, '')}")
-        print("\nCtrl-C stops it.", flush=True)
         try:
+            print(f"The CodeWords runtime emulator is serving on {runtime.url}. In another shell:\n")
+            print(f"    export CODEWORDS_API_KEY={runtime.api_key} CODEWORDS_BASE_URL={runtime.url}")
+            print('    codewords-lite run echo \'{"name": "Ada"}\'\n')
+            print("Its workflows:")
+            width = max(map(len, SERVICES)) + 2
+            for name, workflow in SERVICES.items():
+                said = WORKFLOW_HELP.get(name) or (workflow.__doc__ or "").strip().split("\n")[0]
+                print(f"    {name:{width}}{said}".rstrip())
+            print(f"\nCtrl-C stops it, or SIGTERM: kill {os.getpid()} (Ctrl-C does not reach a job started with &).")
+            sys.stdout.flush()
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except _Stopped:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)  # a second one does not cut the shutdown short
             print("Stopped.")
     return 0
 

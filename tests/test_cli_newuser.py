@@ -4,11 +4,12 @@ thing: the CLI in a subprocess (or main()), against the emulator, a real HTTP se
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
-from fake_runtime import SERVICES
+from fake_runtime import SERVICES, WORKFLOW_HELP, FakeRuntime
 
 import codewords_lite as cw
 
@@ -86,6 +87,74 @@ def test_a_bundled_workflow_given_inputs_it_cannot_read_fails_the_command_at_onc
     """`check` reads its inputs as an object: given a list, it raises, and the command says so."""
     result = cli("run", "check", "[1, 2]", "--timeout", "5")
     assert result.returncode == 1 and "AttributeError" in one_line(result)
+
+
+# -- the emulator: what its banner says, and how it stops -------------------------------------------
+
+
+def read_banner(process):
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            return lines
+    raise AssertionError("the banner ended early: " + "".join(lines))
+
+
+def test_the_banner_says_what_each_workflow_does_and_how_to_stop_it():
+    process = subprocess.Popen(
+        [sys.executable, "tests/fake_runtime.py", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        banner = read_banner(process)
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    listed = [line.split(None, 1) for line in banner[banner.index("Its workflows:\n") + 1 :] if line.startswith("    ")]
+    assert [name for name, _ in listed] == list(SERVICES)
+    for name, said in listed:
+        assert len(said.split()) >= 3, f"the banner does not say what {name} does"
+    assert set(WORKFLOW_HELP) == set(SERVICES)
+    assert f"kill {process.pid}" in banner[-1] and "SIGTERM" in banner[-1]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to a background job"])
+def test_the_emulator_stops_on_sigterm_and_on_ctrl_c_in_the_background(how):
+    """Regression: started with `&`, which has the shell ignore SIGINT in the job, it ignored
+    Ctrl-C; SIGTERM killed it without a word."""
+    if how == "SIGTERM":
+        command = [sys.executable, "tests/fake_runtime.py", "--port", "0"]
+    else:  # a non-interactive shell's background job: SIGINT ignored, as bash sets it
+        command = ["bash", "-c", f"{sys.executable} tests/fake_runtime.py --port 0 & wait $!"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = read_banner(process)
+        pid = int(re.search(r"kill (\d+)", banner[-1]).group(1))
+        os.kill(pid, signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert (process.returncode, out, err) == (0, "Stopped.\n", "")
+
+
+def test_a_second_emulator_on_a_taken_port_says_so_in_one_line():
+    with FakeRuntime() as first:
+        port = first.url.rsplit(":", 1)[1]
+        result = subprocess.run(
+            [sys.executable, "tests/fake_runtime.py", "--port", port],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode != 0 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "already" in result.stderr
 
 
 # -- figures that do not break into -q's progress line ------------------------------------------
