@@ -3186,7 +3186,7 @@ def _cli_inputs(args: Any) -> Any:
         raise _UsageError(f"INPUTS {args.inputs} is not UTF-8 text: {exc}") from None
     if text is not None:
         try:
-            inputs = json.loads(text)
+            inputs = _finite_json(text, "INPUTS")
         except (ValueError, RecursionError) as exc:
             raise _UsageError(f"INPUTS is not valid JSON: {exc}") from None
     if args.fields and not isinstance(inputs, dict):
@@ -3203,11 +3203,27 @@ def _parse_field(field: str) -> Tuple[str, Any]:
     if not equals or not key.strip():
         raise _UsageError(f"-i takes KEY=VALUE, not {field!r}")
     try:
-        return key.strip(), json.loads(text)
+        return key.strip(), _finite_json(text, f"-i {key.strip()}")
     except RecursionError:
         raise _UsageError(f"-i {key.strip()}: JSON nested too deeply") from None
     except ValueError:
         return key.strip(), text
+
+
+def _finite_json(text: str, where: str) -> Any:
+    """JSON as json.loads reads it, less what the request body cannot carry: NaN, Infinity and
+    numbers too large for a float (1e400) are a usage error that names them, not a traceback."""
+
+    def constant(name: str) -> Any:
+        raise _UsageError(f"{where} holds {name}, which is not JSON: only finite numbers can be sent")
+
+    def number(digits: str) -> float:
+        value = float(digits)
+        if math.isinf(value):
+            raise _UsageError(f"{where} holds {digits}, too large for a float: only finite numbers can be sent")
+        return value
+
+    return json.loads(text, parse_constant=constant, parse_float=number)
 
 
 class _Status:

@@ -45,6 +45,36 @@ def one_line(result):
     return err.strip()
 
 
+# -- NaN, Infinity and numbers too large for a float: exit 2, one line naming them -----------------
+
+
+@pytest.mark.parametrize(
+    "args, stdin, bad",
+    [
+        (["run", "echo", '{"n": NaN}'], None, "NaN"),
+        (["run", "echo", '{"n": -Infinity}'], None, "-Infinity"),
+        (["run", "echo", "[1, 1e400]"], None, "1e400"),
+        (["run", "echo", "-"], '{"n": Infinity}', "Infinity"),
+        (["start", "echo", "-"], '{"deep": [{"x": -1E999}]}', "-1E999"),
+        (["run", "echo", "-i", "j=[NaN]"], None, "NaN"),
+        (["run", "echo", "{}", "-i", 'j={"a": 2e308}'], None, "2e308"),
+    ],
+)
+def test_non_finite_numbers_exit_2_with_one_line_naming_them_and_send_nothing(cli, runtime, args, stdin, bad):
+    """Regression: a 30-line traceback (TypeError: inputs are not JSON-serialisable) and exit 1."""
+    result = cli(*args, stdin=stdin)
+    assert result.returncode == 2 and result.stdout == b""
+    assert re.search(rf"(^|\s){re.escape(bad)}\b", one_line(result))
+    assert runtime.calls == []
+
+
+def test_a_non_finite_number_in_an_inputs_file_is_named_too(cli, runtime, tmp_path):
+    path = tmp_path / "inputs.json"
+    path.write_text('{"ratio": NaN}')
+    result = cli("run", "echo", f"@{path}")
+    assert result.returncode == 2 and "NaN" in one_line(result) and runtime.calls == []
+
+
 # -- a workflow that raises in the emulator fails its run at once ---------------------------------
 
 
