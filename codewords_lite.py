@@ -2962,8 +2962,10 @@ _CLI_EPILOG = f"""\
 The API key comes from ${API_KEY_ENV} only: a key on the command line would leak into the
 shell history and `ps`. Standard output holds only the result, as JSON (bytes, such as an
 image, as they came); everything else goes to standard error. INPUTS is JSON, @file.json, or -
-for standard input; -i key=value adds a field to an object, its value taken as JSON when it
-parses (n=3, ok=true), else as a string.
+for standard input (finite numbers only: no NaN, Infinity or 1e400). -i key=value adds a field to
+an object, its value taken as JSON only if it is true, false, null, an integer written plainly
+(3, -12; not 007), or starts with {{ [ or "; anything else is a string (ver=1.10 stays "1.10",
+hex=89504e47 stays text). -s key=value adds a field that is always a string (-s n=3 is "3").
 
 exit codes:
   {EXIT_OK}    success
@@ -3074,7 +3076,23 @@ def _cli_parser(argparse: Any) -> Any:
     def inputs_arguments(sub: Any) -> None:
         sub.add_argument("service_id", metavar="SERVICE_ID")
         sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="JSON, @file.json, or - for stdin")
-        sub.add_argument("-i", dest="fields", metavar="KEY=VALUE", action="append", default=[], help="an input field")
+        sub.add_argument(
+            "-i",
+            dest="fields",
+            metavar="KEY=VALUE",
+            action="append",
+            default=[],
+            type=lambda text: ("-i", text),
+            help='an input field: JSON if true, false, null, a plain integer, or starting with { [ "; else a string',
+        )
+        sub.add_argument(
+            "-s",
+            dest="fields",
+            metavar="KEY=VALUE",
+            action="append",
+            type=lambda text: ("-s", text),
+            help="an input field, always a string",
+        )
         sub.add_argument("--path", default="", help="a path after the service id")
 
     run = command("run", _cli_run, "run a workflow and print its output")
@@ -3165,11 +3183,11 @@ def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
 
 
 def _cli_inputs(args: Any) -> Any:
-    """INPUTS (JSON, @file or - for stdin) with the -i fields on top."""
+    """INPUTS (JSON, @file or - for stdin) with the -i and -s fields on top, in their order."""
     import sys
 
     inputs: Any = {}
-    for argument in [args.inputs or "", *args.fields]:
+    for argument in [args.inputs or "", *(text for _, text in args.fields)]:
         try:
             argument.encode("utf-8")
         except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
@@ -3190,24 +3208,49 @@ def _cli_inputs(args: Any) -> Any:
         except (ValueError, RecursionError) as exc:
             raise _UsageError(f"INPUTS is not valid JSON: {exc}") from None
     if args.fields and not isinstance(inputs, dict):
-        raise _UsageError(f"-i adds a field to a JSON object, and INPUTS is a {type(inputs).__name__}")
-    for field in args.fields:
-        key, value = _parse_field(field)
+        option = args.fields[0][0]
+        raise _UsageError(f"{option} adds a field to a JSON object, and INPUTS is a {type(inputs).__name__}")
+    for option, field in args.fields:
+        key, value = _parse_field(field, as_string=option == "-s")
         inputs[key] = value
     return inputs
 
 
-def _parse_field(field: str) -> Tuple[str, Any]:
-    """``key=value`` as (key, value): the value as JSON when it parses, else as the string."""
+_JSON_WORDS = {"true": True, "false": False, "null": None}
+
+
+def _parse_field(field: str, as_string: bool = False) -> Tuple[str, Any]:
+    """``key=value`` as (key, value). With -s (``as_string``) the value is the string; with -i it
+    is JSON only when plainly meant as JSON: true, false, null, an integer whose text comes back
+    the same (3, -12; not 007, +3 or 1_000), or text starting with { [ or " (which must then be
+    JSON); anything else stays the string, so that 1.10 or 89504e47 keep their text."""
+    option = "-s" if as_string else "-i"
     key, equals, text = field.partition("=")
-    if not equals or not key.strip():
-        raise _UsageError(f"-i takes KEY=VALUE, not {field!r}")
+    key = key.strip()
+    if not equals or not key:
+        raise _UsageError(f"{option} takes KEY=VALUE, not {field!r}")
+    if as_string:
+        return key, text
+    if text in _JSON_WORDS:
+        return key, _JSON_WORDS[text]
+    if _plain_integer(text):
+        return key, int(text)
+    if not text.startswith(("{", "[", '"')):
+        return key, text
     try:
-        return key.strip(), _finite_json(text, f"-i {key.strip()}")
+        return key, _finite_json(text, f"-i {key}")
     except RecursionError:
-        raise _UsageError(f"-i {key.strip()}: JSON nested too deeply") from None
-    except ValueError:
-        return key.strip(), text
+        raise _UsageError(f"-i {key}: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise _UsageError(f"-i {key} is not valid JSON: {exc} (-s {key}=... sends it as a string)") from None
+
+
+def _plain_integer(text: str) -> bool:
+    """Whether the text is an integer as Python writes it: one that round-trips exactly."""
+    try:
+        return str(int(text)) == text
+    except ValueError:  # not an integer, or more digits than int() reads (Python 3.11+)
+        return False
 
 
 def _finite_json(text: str, where: str) -> Any:
