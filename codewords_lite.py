@@ -3115,7 +3115,7 @@ def _cli_parser(argparse: Any) -> Any:
     details = command("details", _cli_details, "print a run's request record")
     details.add_argument("request_id", metavar="REQUEST_ID")
     upload = command("upload", _cli_upload, "upload a file and print its download URL")
-    upload.add_argument("file", metavar="FILE")
+    upload.add_argument("file", metavar="FILE", help="a path, or - for standard input (named stdin)")
     upload.add_argument("--filename", help="the name to store it under (default: the file's)")
     upload.add_argument("--content-type", help="default: guessed from the name")
     return parser
@@ -3170,12 +3170,14 @@ def _cli_details(client: Client, args: Any, status: _Status) -> Any:
 
 
 def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
+
     describe, on_progress = _upload_line()
+    source, filename = args.file, args.filename
+    if source == "-":  # standard input, named as `upload /dev/stdin` names it unless --filename says
+        source, filename = _cli_stdin(), filename or "stdin"
     try:
         with status.showing(describe):
-            url = client.upload(
-                args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress
-            )
+            url = client.upload(source, filename=filename, content_type=args.content_type, on_progress=on_progress)
     except ValueError as exc:  # a file name that cannot be sent, say: bad usage
         raise _UsageError(str(exc)) from None
     print(url)
@@ -3184,7 +3186,6 @@ def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
 
 def _cli_inputs(args: Any) -> Any:
     """INPUTS (JSON, @file or - for stdin) with the -i and -s fields on top, in their order."""
-    import sys
 
     inputs: Any = {}
     for argument in [args.inputs or "", *(text for _, text in args.fields)]:
@@ -3194,7 +3195,7 @@ def _cli_inputs(args: Any) -> Any:
             raise _UsageError(f"{argument!r} is not UTF-8 text") from None
     try:
         if args.inputs == "-":
-            text = sys.stdin.buffer.read().decode("utf-8")
+            text = _cli_stdin().read().decode("utf-8")
         elif args.inputs and args.inputs.startswith("@"):
             with open(args.inputs[1:], encoding="utf-8") as file:
                 text = file.read()
@@ -3251,6 +3252,15 @@ def _plain_integer(text: str) -> bool:
         return str(int(text)) == text
     except ValueError:  # not an integer, or more digits than int() reads (Python 3.11+)
         return False
+
+
+def _cli_stdin() -> IO[bytes]:
+    """Standard input as bytes; a usage error if the process has none (its descriptor 0 closed)."""
+    import sys
+
+    if sys.stdin is None:
+        raise _UsageError("- reads standard input, and this process has none")
+    return sys.stdin.buffer
 
 
 def _finite_json(text: str, where: str) -> Any:

@@ -263,6 +263,32 @@ def test_a_second_emulator_on_a_taken_port_says_so_in_one_line():
     assert f"127.0.0.1:{port}" in result.stderr and "already" in result.stderr
 
 
+# -- upload - reads standard input ----------------------------------------------------------------
+
+
+def test_upload_dash_reads_standard_input(cli, runtime):
+    """Regression: `upload -` was "No such file or directory: '-'" (only /dev/stdin worked)."""
+    result = cli("upload", "-", stdin=b"a,b\n1,2\n")
+    assert result.returncode == 0 and result.stderr == b""
+    assert result.stdout.decode().strip().endswith("/stdin")  # as `upload /dev/stdin` names it
+    named = cli("upload", "-", "--filename", "rows.csv", stdin=b"a,b\n3,4\n")
+    assert named.returncode == 0 and named.stdout.decode().strip().endswith("/rows.csv")
+    contents = sorted(u["content"] for u in runtime.uploads.values() if "size" in u)
+    assert contents == [b"a,b\n1,2\n", b"a,b\n3,4\n"]
+    assert runtime.storage_calls[-1]["headers"]["Content-Type"] == "text/csv"
+
+
+def test_dash_without_a_standard_input_is_one_line_and_exit_2(runtime):
+    """A process whose descriptor 0 is closed (sys.stdin is None) got an AttributeError traceback."""
+    command = f"exec 0<&-; {sys.executable} -m codewords_lite"
+    for args in ("upload -", "run echo -"):
+        result = subprocess.run(
+            ["bash", "-c", f"{command} {args}"], cwd=ROOT, env=env_for(runtime), capture_output=True, timeout=60
+        )
+        assert result.returncode == 2 and "standard input" in one_line(result), args
+    assert runtime.calls == []
+
+
 # -- figures that do not break into -q's progress line ------------------------------------------
 
 
