@@ -3129,8 +3129,23 @@ def _cli_run(client: Client, args: Any, status: _Status) -> Any:
     deadline = client._deadline(args.timeout)
     # The request id is known before the run is sent, so that an interrupted wait can be resumed.
     request_id = status.request_id = _provision_for_run(client, plan.key, deadline) if plan.needs_id else None
-    with status.showing(status.wait_line()):
-        return _run(client, plan, deadline, request_id)
+    try:
+        with status.showing(status.wait_line()):
+            return _run(client, plan, deadline, request_id)
+    except GatewayTimeout as exc:
+        if plan.fallback is None:  # --fallback off (or a one-time key): the gateway gave up, not the run
+            exc.args = (f"{exc}; {_cli_goes_on(request_id or exc.request_id, plan.key.once)}",)
+        raise
+
+
+def _cli_goes_on(request_id: Optional[str], once: bool) -> str:
+    """What a 504 left unresumed means for the run: it may go on, and how to pick it up."""
+    if request_id:
+        return f"the gateway gave up waiting, but the run may go on: codewords-lite result {request_id}"
+    how = "a one-time key sends it with none" if once else "--fallback resume waits for it by its id"
+    return (
+        f"the gateway gave up waiting, but the run may go on; sent without a request id, it cannot be picked up ({how})"
+    )
 
 
 def _cli_start(client: Client, args: Any, status: _Status) -> Any:

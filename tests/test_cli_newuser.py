@@ -289,6 +289,38 @@ def test_dash_without_a_standard_input_is_one_line_and_exit_2(runtime):
     assert runtime.calls == []
 
 
+# -- --fallback off on a 504: the run goes on, and how to pick it up --------------------------------
+
+
+def test_fallback_off_on_a_504_says_the_run_goes_on_and_how_to_pick_it_up():
+    with FakeRuntime(gateway_timeout=0.3) as runtime:
+        env = env_for(runtime)
+        command = [sys.executable, "-m", "codewords_lite", "run", "sleep", '{"seconds": 0.6}', "--fallback", "off"]
+        named = subprocess.run([*command, "--logs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        request_id = runtime.calls_to("POST", "/run/")[0]["headers"]["X-Provisioned-Request-Id"]
+        assert named.returncode == 1 and named.stdout == ""
+        last = named.stderr.strip().splitlines()[-1]
+        assert "504" in last and "may go on" in last and last.endswith(f"codewords-lite result {request_id}")
+        picked_up = subprocess.run(
+            [sys.executable, "-m", "codewords_lite", "result", request_id],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert json.loads(picked_up.stdout) == {"slept": 0.6}
+        unnamed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert unnamed.returncode == 1 and unnamed.stdout == ""
+        line = unnamed.stderr.strip()
+        assert "\n" not in line and "may go on" in line and "without a request id" in line
+        assert "--fallback resume" in line
+        once = subprocess.run(
+            command[:-2], cwd=ROOT, env=env_for(runtime, runtime.issue_one_time_key()), capture_output=True, text=True
+        )  # a one-time key: off by default, and resume is not for it
+        assert once.returncode == 1 and "may go on" in once.stderr and "one-time key" in once.stderr
+
+
 # -- figures that do not break into -q's progress line ------------------------------------------
 
 
