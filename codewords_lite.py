@@ -463,7 +463,11 @@ class Client:
 
     def result(self, request_id: str, timeout: Optional[float] = None) -> Any:
         """Wait for the run with this request id and return its output."""
-        return self.get_run(request_id).wait(timeout)
+        try:
+            return self.get_run(request_id).wait(timeout)
+        except RunTimeout as exc:  # the id may name no run yet: a provisioned one waits the same
+            exc.args = (f'{exc}; if no run was sent with this id, client.details("{request_id}") has no startedAt',)
+            raise
 
     def details(self, request_id: str) -> Dict[str, Any]:
         """The request record as it stands now, with timings and cost (GET /request/{id})."""
@@ -3047,7 +3051,7 @@ def _cli_failure(error: Exception) -> Tuple[int, str]:
     if request_id and request_id not in message:
         message += f" (request {request_id})"
     if isinstance(error, RunTimeout):
-        if request_id:
+        if request_id and not isinstance(error, _NeverStarted):
             message = f"run {request_id} passed its deadline; it may still finish: codewords-lite result {request_id}"
         return EXIT_DEADLINE, message
     if isinstance(error, CodewordsError) and not isinstance(error, ConfigurationError):
@@ -3154,10 +3158,51 @@ def _cli_start(client: Client, args: Any, status: _Status) -> Any:
 
 
 def _cli_result(client: Client, args: Any, status: _Status) -> Any:
+    import sys
+
     run = client.get_run(args.request_id)
-    status.request_id = run.request_id
-    with status.showing(status.wait_line()):
-        return run.wait(timeout=args.timeout, on_log=_cli_on_log(client, args, status))
+    request_id = status.request_id = run.request_id
+    deadline = client._deadline(args.timeout)
+    key, on_log = client._key(), _cli_on_log(client, args, status)
+    # An id provisioned but never sent waits as a run does (another process may yet send one with
+    # it), so say so at once rather than after the deadline; not with a one-time key's one request.
+    unsent = not key.once and not _cli_started(client, key, request_id, deadline)
+    if unsent:
+        seconds = client.timeout if args.timeout is None else args.timeout
+        print(
+            f"codewords-lite: run {request_id} has not started: no run has been sent with this request id"
+            f" yet; waiting for one, up to {seconds:g} s (--timeout)",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        with status.showing(status.wait_line()):
+            return run.wait(timeout=max(deadline - time.monotonic(), 1e-3), on_log=on_log)
+    except RunTimeout:
+        if unsent and not _cli_started(client, key, request_id, time.monotonic() + _CLI_LAST_LOOK):
+            raise _NeverStarted(
+                f"run {request_id} never started: no run was sent with this request id before the deadline;"
+                f" if one is sent later: codewords-lite result {request_id}",
+                request_id=request_id,
+            ) from None
+        raise
+
+
+_CLI_LAST_LOOK = 2.0  # seconds that `result` may take past its deadline to tell a run never sent
+
+
+class _NeverStarted(RunTimeout):
+    """`result` of an id no run was sent with before the deadline."""
+
+
+def _cli_started(client: Client, key: _Key, request_id: str, deadline: float) -> bool:
+    """Whether the request record shows a run (the library's test of a started run); True if the
+    record cannot be read: then nothing is said, and the wait tells what it finds."""
+    try:
+        record = _record(client, key, request_id, deadline)
+    except CodewordsError:
+        return True
+    return bool(record.get("startedAt") or record.get("serviceId") or _finished(record))
 
 
 def _cli_on_log(client: Client, args: Any, status: _Status) -> Optional[Callable[[LogEntry], None]]:

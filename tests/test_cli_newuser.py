@@ -4,9 +4,11 @@ thing: the CLI in a subprocess (or main()), against the emulator, a real HTTP se
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from fake_runtime import SERVICES, WORKFLOW_HELP, FakeRuntime
@@ -319,6 +321,69 @@ def test_fallback_off_on_a_504_says_the_run_goes_on_and_how_to_pick_it_up():
             command[:-2], cwd=ROOT, env=env_for(runtime, runtime.issue_one_time_key()), capture_output=True, text=True
         )  # a one-time key: off by default, and resume is not for it
         assert once.returncode == 1 and "may go on" in once.stderr and "one-time key" in once.stderr
+
+
+# -- result of an id provisioned but never sent ------------------------------------------------------
+
+
+def test_result_of_an_id_no_run_was_sent_with_says_so_at_once_and_at_its_deadline(runtime, client):
+    """Regression: it waited the whole deadline in silence, then said the run "may still finish"."""
+    request_id = client.provision()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "codewords_lite", "result", request_id, "--timeout", "1"],
+        cwd=ROOT,
+        env=env_for(runtime),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 3 and out == ""
+    first, last = err.strip().splitlines()
+    assert f"run {request_id} has not started" in first and "no run has been sent with this request id" in first
+    assert f"run {request_id} never started" in last and "no run was sent with this request id" in last
+    assert last.endswith(f"codewords-lite result {request_id}")
+
+
+def test_result_keeps_waiting_for_a_run_sent_later_with_that_id(runtime, client):
+    """The note does not end the wait: another process may send the run under the id it was given."""
+    request_id = client.provision()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "codewords_lite", "result", request_id, "--timeout", "20"],
+        cwd=ROOT,
+        env=env_for(runtime),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready, _, _ = select.select([process.stderr], [], [], 10)  # the note comes before the wait
+        assert ready and "has not started" in process.stderr.readline()
+        assert process.poll() is None  # still waiting
+        assert client.run("echo", {"late": True}, request_id=request_id) == {"late": True}
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert (process.returncode, json.loads(out), err) == (0, {"late": True}, "")
+
+
+def test_result_of_a_started_run_says_nothing_more(cli, runtime, client):
+    run = client.start("sleep", {"seconds": 0.2})
+    result = cli("result", run.request_id)
+    assert (result.returncode, json.loads(result.stdout), result.stderr) == (0, {"slept": 0.2}, b"")
+
+
+def test_the_librarys_timeout_of_a_wait_by_id_says_a_run_may_never_have_been_sent(runtime, client):
+    request_id = client.provision()
+    started = time.monotonic()
+    with pytest.raises(cw.RunTimeout) as caught:
+        client.result(request_id, timeout=0.5)
+    assert time.monotonic() - started < 2
+    message = str(caught.value)
+    assert f'client.result("{request_id}")' in message  # as before
+    assert "no run was sent with" in message and f'client.details("{request_id}")' in message
 
 
 # -- figures that do not break into -q's progress line ------------------------------------------
