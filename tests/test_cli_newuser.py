@@ -419,3 +419,13 @@ def test_figures_are_printed_after_the_progress_line_not_inside_it(tmp_path):
     figures = lines.index("  one figure")
     assert lines[figures + 1] == "  another figure" and "figures" in lines[figures - 1]
     assert lines[-1].startswith("3 passed")
+
+
+# -- the README's test command: how long it takes, and why tests are skipped ----------------------
+
+
+def test_the_readme_says_how_long_the_tests_take_and_how_to_see_why_some_are_skipped():
+    from test_newcomer import section
+
+    commands = " ".join(section("The two commands").split())
+    assert "200 s on two cores" in commands and "-rs" in commands
