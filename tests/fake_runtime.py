@@ -3,7 +3,8 @@
     with FakeRuntime() as runtime:
         client = codewords_lite.Client(runtime.api_key, base_url=runtime.url)
 
-Or on its own, to try the client without an account (it prints the key and URL to export):
+Or on its own, to try the client without an account (it prints the key and URL to export, and
+what each workflow does; Ctrl-C or SIGTERM stops it, also in the background):
 
     python tests/fake_runtime.py --port 8787
 
