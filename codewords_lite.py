@@ -3230,7 +3230,6 @@ def _cli_details(client: Client, args: Any, status: _Status) -> Any:
 
 
 def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
-
     describe, on_progress = _upload_line()
     source, filename = args.file, args.filename
     if source == "-":  # standard input, named as `upload /dev/stdin` names it unless --filename says
@@ -3246,7 +3245,6 @@ def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
 
 def _cli_inputs(args: Any) -> Any:
     """INPUTS (JSON, @file or - for stdin) with the -i and -s fields on top, in their order."""
-
     inputs: Any = {}
     for argument in [args.inputs or "", *(text for _, text in args.fields)]:
         try:
