@@ -475,7 +475,11 @@ class Client:
 
     def result(self, request_id: str, timeout: Optional[float] = None) -> Any:
         """Wait for the run with this request id and return its output."""
-        return self.get_run(request_id).wait(timeout)
+        try:
+            return self.get_run(request_id).wait(timeout)
+        except RunTimeout as exc:  # the id may name no run yet: a provisioned one waits the same
+            exc.args = (f'{exc}; if no run was sent with this id, client.details("{request_id}") has no startedAt',)
+            raise
 
     def details(self, request_id: str) -> Dict[str, Any]:
         """The request record as it stands now, with timings and cost (GET /request/{id})."""
@@ -3182,8 +3186,10 @@ _CLI_EPILOG = f"""\
 The API key comes from ${API_KEY_ENV} only: a key on the command line would leak into the
 shell history and `ps`. Standard output holds only the result, as JSON (bytes, such as an
 image, as they came); everything else goes to standard error. INPUTS is JSON, @file.json, or -
-for standard input; -i key=value adds a field to an object, its value taken as JSON when it
-parses (n=3, ok=true), else as a string.
+for standard input (finite numbers only: no NaN, Infinity or 1e400). -i key=value adds a field to
+an object, its value taken as JSON only if it is true, false, null, an integer written plainly
+(3, -12; not 007), or starts with {{ [ or "; anything else is a string (ver=1.10 stays "1.10",
+hex=89504e47 stays text). -s key=value adds a field that is always a string (-s n=3 is "3").
 
 exit codes:
   {EXIT_OK}    success
@@ -3267,7 +3273,7 @@ def _cli_failure(error: Exception) -> Tuple[int, str]:
     if request_id and request_id not in message:
         message += f" (request {request_id})"
     if isinstance(error, RunTimeout):
-        if request_id:
+        if request_id and not isinstance(error, _NeverStarted):
             message = f"run {request_id} passed its deadline; it may still finish: codewords-lite result {request_id}"
         return EXIT_DEADLINE, message
     if isinstance(error, CodewordsError) and not isinstance(error, ConfigurationError):
@@ -3296,7 +3302,23 @@ def _cli_parser(argparse: Any) -> Any:
     def inputs_arguments(sub: Any) -> None:
         sub.add_argument("service_id", metavar="SERVICE_ID")
         sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="JSON, @file.json, or - for stdin")
-        sub.add_argument("-i", dest="fields", metavar="KEY=VALUE", action="append", default=[], help="an input field")
+        sub.add_argument(
+            "-i",
+            dest="fields",
+            metavar="KEY=VALUE",
+            action="append",
+            default=[],
+            type=lambda text: ("-i", text),
+            help='an input field: JSON if true, false, null, a plain integer, or starting with { [ "; else a string',
+        )
+        sub.add_argument(
+            "-s",
+            dest="fields",
+            metavar="KEY=VALUE",
+            action="append",
+            type=lambda text: ("-s", text),
+            help="an input field, always a string",
+        )
         sub.add_argument("--path", default="", help="a path after the service id")
 
     run = command("run", _cli_run, "run a workflow and print its output")
@@ -3319,7 +3341,7 @@ def _cli_parser(argparse: Any) -> Any:
     details = command("details", _cli_details, "print a run's request record")
     details.add_argument("request_id", metavar="REQUEST_ID")
     upload = command("upload", _cli_upload, "upload a file and print its download URL")
-    upload.add_argument("file", metavar="FILE")
+    upload.add_argument("file", metavar="FILE", help="a path, or - for standard input (named stdin)")
     upload.add_argument("--filename", help="the name to store it under (default: the file's)")
     upload.add_argument("--content-type", help="default: guessed from the name")
     return parser
@@ -3333,8 +3355,23 @@ def _cli_run(client: Client, args: Any, status: _Status) -> Any:
     deadline = client._deadline(args.timeout)
     # The request id is known before the run is sent, so that an interrupted wait can be resumed.
     request_id = status.request_id = _provision_for_run(client, plan.key, deadline) if plan.needs_id else None
-    with status.showing(status.wait_line()):
-        return _run(client, plan, deadline, request_id)
+    try:
+        with status.showing(status.wait_line()):
+            return _run(client, plan, deadline, request_id)
+    except GatewayTimeout as exc:
+        if plan.fallback is None:  # --fallback off (or a one-time key): the gateway gave up, not the run
+            exc.args = (f"{exc}; {_cli_goes_on(request_id or exc.request_id, plan.key.once)}",)
+        raise
+
+
+def _cli_goes_on(request_id: Optional[str], once: bool) -> str:
+    """What a 504 left unresumed means for the run: it may go on, and how to pick it up."""
+    if request_id:
+        return f"the gateway gave up waiting, but the run may go on: codewords-lite result {request_id}"
+    how = "a one-time key sends it with none" if once else "--fallback resume waits for it by its id"
+    return (
+        f"the gateway gave up waiting, but the run may go on; sent without a request id, it cannot be picked up ({how})"
+    )
 
 
 def _cli_start(client: Client, args: Any, status: _Status) -> Any:
@@ -3343,10 +3380,51 @@ def _cli_start(client: Client, args: Any, status: _Status) -> Any:
 
 
 def _cli_result(client: Client, args: Any, status: _Status) -> Any:
+    import sys
+
     run = client.get_run(args.request_id)
-    status.request_id = run.request_id
-    with status.showing(status.wait_line()):
-        return run.wait(timeout=args.timeout, on_log=_cli_on_log(client, args, status))
+    request_id = status.request_id = run.request_id
+    deadline = client._deadline(args.timeout)
+    key, on_log = client._key(), _cli_on_log(client, args, status)
+    # An id provisioned but never sent waits as a run does (another process may yet send one with
+    # it), so say so at once rather than after the deadline; not with a one-time key's one request.
+    unsent = not key.once and not _cli_started(client, key, request_id, deadline)
+    if unsent:
+        seconds = client.timeout if args.timeout is None else args.timeout
+        print(
+            f"codewords-lite: run {request_id} has not started: no run has been sent with this request id"
+            f" yet; waiting for one, up to {seconds:g} s (--timeout)",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        with status.showing(status.wait_line()):
+            return run.wait(timeout=max(deadline - time.monotonic(), 1e-3), on_log=on_log)
+    except RunTimeout:
+        if unsent and not _cli_started(client, key, request_id, time.monotonic() + _CLI_LAST_LOOK):
+            raise _NeverStarted(
+                f"run {request_id} never started: no run was sent with this request id before the deadline;"
+                f" if one is sent later: codewords-lite result {request_id}",
+                request_id=request_id,
+            ) from None
+        raise
+
+
+_CLI_LAST_LOOK = 2.0  # seconds that `result` may take past its deadline to tell a run never sent
+
+
+class _NeverStarted(RunTimeout):
+    """`result` of an id no run was sent with before the deadline."""
+
+
+def _cli_started(client: Client, key: _Key, request_id: str, deadline: float) -> bool:
+    """Whether the request record shows a run (the library's test of a started run); True if the
+    record cannot be read: then nothing is said, and the wait tells what it finds."""
+    try:
+        record = _record(client, key, request_id, deadline)
+    except CodewordsError:
+        return True
+    return bool(record.get("startedAt") or record.get("serviceId") or _finished(record))
 
 
 def _cli_on_log(client: Client, args: Any, status: _Status) -> Optional[Callable[[LogEntry], None]]:
@@ -3375,11 +3453,12 @@ def _cli_details(client: Client, args: Any, status: _Status) -> Any:
 
 def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
     describe, on_progress = _upload_line()
+    source, filename = args.file, args.filename
+    if source == "-":  # standard input, named as `upload /dev/stdin` names it unless --filename says
+        source, filename = _cli_stdin(), filename or "stdin"
     try:
         with status.showing(describe):
-            url = client.upload(
-                args.file, filename=args.filename, content_type=args.content_type, on_progress=on_progress
-            )
+            url = client.upload(source, filename=filename, content_type=args.content_type, on_progress=on_progress)
     except ValueError as exc:  # a file name that cannot be sent, say: bad usage
         raise _UsageError(str(exc)) from None
     print(url)
@@ -3387,18 +3466,16 @@ def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
 
 
 def _cli_inputs(args: Any) -> Any:
-    """INPUTS (JSON, @file or - for stdin) with the -i fields on top."""
-    import sys
-
+    """INPUTS (JSON, @file or - for stdin) with the -i and -s fields on top, in their order."""
     inputs: Any = {}
-    for argument in [args.inputs or "", *args.fields]:
+    for argument in [args.inputs or "", *(text for _, text in args.fields)]:
         try:
             argument.encode("utf-8")
         except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
             raise _UsageError(f"{argument!r} is not UTF-8 text") from None
     try:
         if args.inputs == "-":
-            text = sys.stdin.buffer.read().decode("utf-8")
+            text = _cli_stdin().read().decode("utf-8")
         elif args.inputs and args.inputs.startswith("@"):
             with open(args.inputs[1:], encoding="utf-8") as file:
                 text = file.read()
@@ -3408,28 +3485,78 @@ def _cli_inputs(args: Any) -> Any:
         raise _UsageError(f"INPUTS {args.inputs} is not UTF-8 text: {exc}") from None
     if text is not None:
         try:
-            inputs = json.loads(text)
+            inputs = _finite_json(text, "INPUTS")
         except (ValueError, RecursionError) as exc:
             raise _UsageError(f"INPUTS is not valid JSON: {exc}") from None
     if args.fields and not isinstance(inputs, dict):
-        raise _UsageError(f"-i adds a field to a JSON object, and INPUTS is a {type(inputs).__name__}")
-    for field in args.fields:
-        key, value = _parse_field(field)
+        option = args.fields[0][0]
+        raise _UsageError(f"{option} adds a field to a JSON object, and INPUTS is a {type(inputs).__name__}")
+    for option, field in args.fields:
+        key, value = _parse_field(field, as_string=option == "-s")
         inputs[key] = value
     return inputs
 
 
-def _parse_field(field: str) -> Tuple[str, Any]:
-    """``key=value`` as (key, value): the value as JSON when it parses, else as the string."""
+_JSON_WORDS = {"true": True, "false": False, "null": None}
+
+
+def _parse_field(field: str, as_string: bool = False) -> Tuple[str, Any]:
+    """``key=value`` as (key, value). With -s (``as_string``) the value is the string; with -i it
+    is JSON only when plainly meant as JSON: true, false, null, an integer whose text comes back
+    the same (3, -12; not 007, +3 or 1_000), or text starting with { [ or " (which must then be
+    JSON); anything else stays the string, so that 1.10 or 89504e47 keep their text."""
+    option = "-s" if as_string else "-i"
     key, equals, text = field.partition("=")
-    if not equals or not key.strip():
-        raise _UsageError(f"-i takes KEY=VALUE, not {field!r}")
+    key = key.strip()
+    if not equals or not key:
+        raise _UsageError(f"{option} takes KEY=VALUE, not {field!r}")
+    if as_string:
+        return key, text
+    if text in _JSON_WORDS:
+        return key, _JSON_WORDS[text]
+    if _plain_integer(text):
+        return key, int(text)
+    if not text.startswith(("{", "[", '"')):
+        return key, text
     try:
-        return key.strip(), json.loads(text)
+        return key, _finite_json(text, f"-i {key}")
     except RecursionError:
-        raise _UsageError(f"-i {key.strip()}: JSON nested too deeply") from None
-    except ValueError:
-        return key.strip(), text
+        raise _UsageError(f"-i {key}: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise _UsageError(f"-i {key} is not valid JSON: {exc} (-s {key}=... sends it as a string)") from None
+
+
+def _plain_integer(text: str) -> bool:
+    """Whether the text is an integer as Python writes it: one that round-trips exactly."""
+    try:
+        return str(int(text)) == text
+    except ValueError:  # not an integer, or more digits than int() reads (Python 3.11+)
+        return False
+
+
+def _cli_stdin() -> IO[bytes]:
+    """Standard input as bytes; a usage error if the process has none (its descriptor 0 closed)."""
+    import sys
+
+    if sys.stdin is None:
+        raise _UsageError("- reads standard input, and this process has none")
+    return sys.stdin.buffer
+
+
+def _finite_json(text: str, where: str) -> Any:
+    """JSON as json.loads reads it, less what the request body cannot carry: NaN, Infinity and
+    numbers too large for a float (1e400) are a usage error that names them, not a traceback."""
+
+    def constant(name: str) -> Any:
+        raise _UsageError(f"{where} holds {name}, which is not JSON: only finite numbers can be sent")
+
+    def number(digits: str) -> float:
+        value = float(digits)
+        if math.isinf(value):
+            raise _UsageError(f"{where} holds {digits}, too large for a float: only finite numbers can be sent")
+        return value
+
+    return json.loads(text, parse_constant=constant, parse_float=number)
 
 
 class _Status:

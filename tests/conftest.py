@@ -24,6 +24,30 @@ def clean_environment(monkeypatch):
             monkeypatch.delenv(name)
 
 
+FIGURES = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def figures(request):
+    """A list for the figures a test measures (counts, timings), printed once the tests have run.
+
+    They go in the terminal summary, after the progress line: printed from the test itself (with
+    capsys disabled), they broke into the middle of -q's dots. Shown with or without -q or -s,
+    since docs/guarantees.md quotes them.
+    """
+    lines = []
+    yield lines
+    request.config.stash.setdefault(FIGURES, []).extend(lines)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(FIGURES, [])
+    if lines:
+        terminalreporter.write_sep("-", "figures")
+        for line in lines:
+            terminalreporter.write_line(f"  {line}")
+
+
 @pytest.fixture
 def quick_retries(monkeypatch):
     """Retries back off in milliseconds, so tests of them stay fast."""

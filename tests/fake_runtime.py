@@ -3,12 +3,14 @@
     with FakeRuntime() as runtime:
         client = codewords_lite.Client(runtime.api_key, base_url=runtime.url)
 
-Or on its own, to try the client without an account (it prints the key and URL to export):
+Or on its own, to try the client without an account (it prints the key and URL to export, and
+what each workflow does; Ctrl-C or SIGTERM stops it, also in the background):
 
     python tests/fake_runtime.py --port 8787
 
 It serves every endpoint that codewords_lite.py calls (provision, run, run_async, result, request,
-logs, file), runs a few test workflows (see SERVICES; add your own there), counts their executions,
+logs, file), runs a few test workflows (see SERVICES; add your own there: one that raises answers 500
+with Error-Origin: service and its traceback, as the real runtime does), counts their executions,
 can play a gateway that answers 504 while the run goes on, and takes injected faults: status codes
 with Retry-After, dropped connections, slow, trickled and truncated answers. One-time keys (cwotk-)
 are spent by the first request that carries them. A second server on another port plays the
@@ -22,6 +24,7 @@ request record filled from their answer.
 
 import collections
 import datetime
+import errno
 import hashlib
 import http.client
 import itertools
@@ -31,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -321,10 +325,14 @@ class FakeRuntime:
             except OSError as exc:  # the workflow is down or hung up: the gateway's own answer
                 status, headers, body = 502, {"Content-Type": "text/plain"}, f"bad gateway: {exc}".encode()
         else:
-            status, output, content_type = SERVICES[service_id](request.inputs, log)
-            body = json.dumps(output).encode() if content_type == "application/json" else output
+            try:
+                status, output, content_type = SERVICES[service_id](request.inputs, log)
+                body = json.dumps(output).encode() if content_type == "application/json" else output
+                raised = False
+            except Exception as exc:  # a bug in the workflow: a 500 of its own, at once, not a run that never ends
+                status, body, content_type, raised = 500, _unhandled(exc), "application/json", True
             headers = {"Content-Type": content_type}
-            if status >= 400 and service_id not in RETURNED_ERRORS:  # as the official package's handlers do
+            if status >= 400 and (raised or service_id not in RETURNED_ERRORS):  # as the official handlers do
                 headers["Error-Origin"] = "service"
         with self.lock:
             self.answers[request_id] = (status, headers, body)
@@ -377,6 +385,16 @@ class Forwarded:
         finally:
             connection.close()
         return answer.status, {k: v for k, v in answer.getheaders() if k.lower() not in HOP_BY_HOP}, body
+
+
+def _unhandled(exc: Exception) -> bytes:
+    """The answer to a workflow that raised, as the official package's handler of unhandled
+    exceptions writes it (tests/workflows/service.py): its last frames, in a detail of 2,000
+    characters at most. The traceback goes to standard error too, as a server's log would show it."""
+    traceback.print_exc(file=sys.stderr)
+    frames = traceback.extract_tb(exc.__traceback__)[-5:]
+    trace = "".join(traceback.format_list(frames)) + f"{type(exc).__name__}: {exc}"
+    return json.dumps({"detail": "Internal server error:\n\n" + trace[:2000]}).encode()
 
 
 def _record_fields(status: int, headers: Dict[str, str], body: bytes) -> Dict[str, Any]:
@@ -838,23 +856,38 @@ class _StorageHandler(_Handler):
         self.send(status, body.encode(), content_type="application/xml")
 
 
-# -- the command line: the emulator on its own, until Ctrl-C -------------------------------------
+# -- the command line: the emulator on its own, until Ctrl-C or SIGTERM --------------------------
 
 WORKFLOW_HELP = {
     "echo": "answers its inputs",
     "check": 'answers its inputs, or 422 if they hold {"fail": "why"}',
     "sleep": 'takes {"seconds": 1, "lines": 0}, logging a line per step',
     "fail": 'answers {"status": 500, "detail": "boom"} as the workflow\'s error',
+    "refuse": 'returns {"status": 503} without Error-Origin, as the gateway\'s own refusals come',
     "text": 'answers {"text": "hello"} as plain text',
     "empty": "answers 204 with no body",
+    "echo-bytes": 'answers the bytes given as {"hex": "89504e47"}, as image/png',
     "talk": 'logs {"lines": 10} lines, {"interval": 0.01} s apart',
+    "script": 'logs the {"entries": [...]} given, as given, {"interval": 0} s apart',
 }
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM: stop serving."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
+    import os
+    import signal
 
-    parser = argparse.ArgumentParser(description="Serve the CodeWords runtime emulator on 127.0.0.1 until Ctrl-C.")
+    parser = argparse.ArgumentParser(
+        description="Serve the CodeWords runtime emulator on 127.0.0.1 until Ctrl-C or SIGTERM (kill PID)."
+    )
     parser.add_argument("--port", type=int, default=8787, help="the API's port; 0 takes a free one (default 8787)")
     parser.add_argument(
         "--gateway-timeout",
@@ -866,19 +899,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         runtime = FakeRuntime(port=args.port, gateway_timeout=args.gateway_timeout)
     except OSError as exc:
-        parser.exit(2, f"cannot serve on 127.0.0.1:{args.port} ({exc.strerror}): pick another --port\n")
+        hint = "another emulator may be serving there: stop it, or " if exc.errno == errno.EADDRINUSE else ""
+        parser.exit(2, f"cannot serve on 127.0.0.1:{args.port} ({exc.strerror}): {hint}pick another --port\n")
+    # Installed, not inherited: a shell starts a background job (`&`) with SIGINT ignored, which
+    # Python then leaves ignored; and SIGTERM (kill) would end it without closing its servers.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
     with runtime:
-        print(f"The CodeWords runtime emulator is serving on {runtime.url}. In another shell:\n")
-        print(f"    export CODEWORDS_API_KEY={runtime.api_key} CODEWORDS_BASE_URL={runtime.url}")
-        print('    codewords-lite run echo \'{"name": "Ada"}\'\n')
-        print("Its workflows:")
-        for name in SERVICES:
-            print(f"    {name:8}{WORKFLOW_HELP.get(name, '')}")
-        print("\nCtrl-C stops it.", flush=True)
         try:
+            print(f"The CodeWords runtime emulator is serving on {runtime.url}. In another shell:\n")
+            print(f"    export CODEWORDS_API_KEY={runtime.api_key} CODEWORDS_BASE_URL={runtime.url}")
+            print('    codewords-lite run echo \'{"name": "Ada"}\'\n')
+            print("Its workflows:")
+            width = max(map(len, SERVICES)) + 2
+            for name, workflow in SERVICES.items():
+                said = WORKFLOW_HELP.get(name) or (workflow.__doc__ or "").strip().split("\n")[0]
+                print(f"    {name:{width}}{said}".rstrip())
+            print(f"\nCtrl-C stops it, or SIGTERM: kill {os.getpid()} (Ctrl-C does not reach a job started with &).")
+            sys.stdout.flush()
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except _Stopped:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)  # a second one does not cut the shutdown short
             print("Stopped.")
     return 0
 

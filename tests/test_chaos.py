@@ -20,15 +20,7 @@ BLOCKING_RUNS = 60
 LONG_RUNS = 8  # blocking runs longer than the gateway allows: 504, then resumed
 
 
-@pytest.fixture
-def figures(capsys):
-    lines = []
-    yield lines
-    with capsys.disabled():
-        print("\n" + "\n".join(f"  chaos: {line}" for line in lines))
-
-
-def test_chaos(monkeypatch, caplog, figures):
+def test_chaos(monkeypatch, caplog, figures):  # figures: printed after the tests (conftest.py)
     monkeypatch.setattr(cw, "RETRY_BACKOFF", (0.01, 0.05))
     monkeypatch.setattr(cw, "POLL_BACKOFF", (0.01, 0.05))
     monkeypatch.setattr(cw, "RECORD_SETTLE", 0.05)  # the emulator writes its records at once: no lag to wait out
@@ -84,14 +76,14 @@ def test_chaos(monkeypatch, caplog, figures):
         assert overrun < 0.3, f"a wait went {overrun:.2f} s past its deadline"
 
         figures.append(
-            f"{STARTED_RUNS} started runs, {BLOCKING_RUNS} blocking runs ({LONG_RUNS} past the gateway),"
+            f"chaos: {STARTED_RUNS} started runs, {BLOCKING_RUNS} blocking runs ({LONG_RUNS} past the gateway),"
             f" 4 past their deadline; {requests_made} requests"
         )
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(runtime.faults_applied.items()))
-        figures.append(f"{faults} faults injected ({faults / requests_made:.0%}): {kinds}")
-        figures.append(f"{retries} retries made; executions {dict(runtime.executions)}, each run exactly once")
+        figures.append(f"chaos: {faults} faults injected ({faults / requests_made:.0%}): {kinds}")
+        figures.append(f"chaos: {retries} retries made; executions {dict(runtime.executions)}, each run exactly once")
         slowest = max(waits)
         figures.append(
-            f"slowest wait {slowest[0]:.2f} s of a {slowest[1]:.0f} s deadline;"
+            f"chaos: slowest wait {slowest[0]:.2f} s of a {slowest[1]:.0f} s deadline;"
             f" furthest past a deadline {max(overrun, 0) * 1000:.0f} ms"
         )

@@ -122,13 +122,19 @@ def test_retry_after_of_any_text(text):
 @FUZZ
 @given(st.text(max_size=60))
 def test_command_line_fields_of_any_text(field):
+    text = field.partition("=")[2]
+    meant_as_json = text.startswith(("{", "[", '"'))  # issue 24: then it must be JSON (finite)
     try:
         key, value = cw._parse_field(field)
     except cw._UsageError:
-        assert "=" not in field or not field.split("=", 1)[0].strip()
+        assert "=" not in field or not field.split("=", 1)[0].strip() or meant_as_json
     else:
         assert key == field.split("=", 1)[0].strip() and key
-        json.dumps(value)  # whatever it became is JSON again
+        json.dumps(value, allow_nan=False)  # whatever it became is JSON again, and finite
+        if isinstance(value, str) and not meant_as_json:
+            assert value == text  # a string keeps its text
+    if "=" in field and field.split("=", 1)[0].strip():
+        assert cw._parse_field(field, as_string=True)[1] == text  # -s: always the text as given
 
 
 @FUZZ

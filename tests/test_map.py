@@ -127,7 +127,7 @@ def test_long_items_finish_once_through_their_fallback():
 # -- the shared rate-limit backoff -------------------------------------------------------------
 
 
-def test_workers_share_the_backoff_when_the_server_limits_concurrency(runtime, client, capsys, monkeypatch):
+def test_workers_share_the_backoff_when_the_server_limits_concurrency(runtime, client, figures, monkeypatch):
     monkeypatch.setattr(cw, "RECORD_SETTLE", 0.05)  # the emulator writes its records at once: no lag to wait out
     runtime.concurrency_limit = 4
     runtime.rate_limit_retry_after = "0.3"
@@ -135,8 +135,7 @@ def test_workers_share_the_backoff_when_the_server_limits_concurrency(runtime, c
     assert list(client.map("sleep", items, max_workers=16)) == [{"slept": 0.1, "i": i} for i in range(100)]
     rejected = runtime.faults_applied["429 concurrency"]
     assert runtime.executions["sleep"] == 100 and runtime.most_running <= 4
-    with capsys.disabled():
-        print(f"\n  100 runs, 16 workers, server limit 4: {rejected} answers 429 (16 workers x 3 retries = 48)")
+    figures.append(f"100 runs, 16 workers, server limit 4: {rejected} answers 429 (16 workers x 3 retries = 48)")
     assert rejected < 48 / 2
 
 
