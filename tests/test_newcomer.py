@@ -19,6 +19,7 @@ import codewords_lite as cw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+TESTING = open(os.path.join(ROOT, "docs", "testing.md"), encoding="utf-8").read()
 
 
 def section(title):
@@ -118,10 +119,12 @@ class socket_on_a_port:
         self.socket.close()
 
 
-def test_the_readme_testing_recipes_pass(tmp_path):
-    """The recipes of "Testing code that uses codewords-lite" run as a user's own test files, with
-    the emulator copied next to them, so the README cannot drift from the library."""
-    blocks = code_blocks(section("Testing code that uses codewords-lite"), "python")
+def test_the_testing_recipes_pass(tmp_path):
+    """The recipes of docs/testing.md, which the README's "Testing code that uses codewords-lite"
+    points to, run as a user's own test files, with the emulator copied next to them, so the
+    page cannot drift from the library."""
+    assert "(docs/testing.md)" in section("Testing code that uses codewords-lite")
+    blocks = code_blocks(TESTING, "python")
     assert len(blocks) == 2
     for block in blocks:
         filename = re.match(r"# (test_\w+\.py)\n", block).group(1)
