@@ -801,6 +801,7 @@ class _Call(NamedTuple):
     redirects: str = _ORIGIN
     host: str = "api"  # or "storage": a presigned URL, sent no key
     held: bool = True  # waits out the pause of the client's threads after a 429
+    holds_output: bool = False  # its answer may hold a run's output: read up to OUTPUT_MAX, not CONTROL_MAX
 
     def at(self, **names: str) -> str:
         return self.path.format(**names)
@@ -809,11 +810,13 @@ class _Call(NamedTuple):
 # The call table: every request the client makes is one of these.
 _PROVISION = _Call("POST", "/provision-request", _NOTHING, _SAFE)
 _PROVISION_FOR_RUN = _PROVISION._replace(unsent=False)  # a host that cannot be reached would not take the run
-_RUN_POST = _Call("POST", "/run/{service_id}{path}", _RUN, _BEFORE_RUN, read="run")
+_RUN_POST = _Call("POST", "/run/{service_id}{path}", _RUN, _BEFORE_RUN, read="run", holds_output=True)
 _RUN_GET = _RUN_POST._replace(method="GET")  # a workflow's read-only route
 _START_RUN = _Call("POST", "/run_async/{service_id}{path}", _START, _BEFORE_RUN)
-_RESULT = _Call("GET", "/result/{request_id}?timeout={hold}", _NOTHING, _SAFE - {504}, frozenset({408, 504}))
-_RECORD = _Call("GET", "/request/{request_id}", _NOTHING, _SAFE)
+_RESULT = _Call(
+    "GET", "/result/{request_id}?timeout={hold}", _NOTHING, _SAFE - {504}, frozenset({408, 504}), holds_output=True
+)
+_RECORD = _Call("GET", "/request/{request_id}", _NOTHING, _SAFE, holds_output=True)
 _RECORD_OF_REFUSED = _RECORD._replace(held=False)  # a run refused by a 429: did it start? (not held by its pause)
 _LOGS = _Call("GET", "/logs/{request_id}{query}", _NOTHING, _SAFE, retries=False, stream=True)
 _FILE = _Call("POST", "/file?filename={filename}", _NOTHING, _SAFE)
@@ -1046,7 +1049,7 @@ class _Sender:
             record = _record_in(self.client._send(question), request_id)
         except CodewordsError:
             raise error from None
-        if record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None:
+        if _started(record):
             raise _Unanswered(error, record)
 
 
@@ -1324,7 +1327,10 @@ def _redirect_target(call: _Call, answer: _Answer, spent: bool) -> Tuple[Optiona
         return None, "this call follows no redirect"
     if status in (301, 302, 303) and call.method != "GET":
         return None, f"a {status} would turn the {call.method} into a GET without its body"
-    target = urljoin(answer.url, location.strip())
+    try:
+        target = urljoin(answer.url, location.strip())
+    except ValueError:  # an unclosed "[" of an IPv6 address, say
+        return None, "its Location is not a URL"
     base = answer.url
     if _origin(target) is None or _origin(target) != _origin(base):
         return None, "it leaves the API's scheme, host and port, and the key must not"
@@ -1750,9 +1756,13 @@ def _read(response: requests.Response, request: _Request, watch: Optional[_Watch
         raise _Cut(f"an interim answer ({status}) came, and no final one")
     if request.call.stream and status < 300:
         return _Answer(status, reason, response.headers, b"", response.url, key, response, watch)
-    limit = OUTPUT_MAX if request.call.read == "run" or request.call in (_RESULT, _RECORD) else CONTROL_MAX
+    limit = OUTPUT_MAX if request.call.holds_output else CONTROL_MAX
     try:
-        body = _whole_body(response, CONTROL_MAX if status >= 300 else limit, cut=status >= 300)
+        body = _whole_body(response, CONTROL_MAX if status >= 300 else limit, key, cut=status >= 300)
+    except _Unreadable as exc:
+        raise APIStatusError(
+            f"{status} from {request.describe()}: {exc}", status_code=status, request_id=request.request_id
+        ) from None
     except _TooLarge as exc:
         raise APIStatusError(
             f"{status} from {request.describe()}: the answer is larger than {_size(exc.limit)}, which no answer"
@@ -1781,13 +1791,15 @@ class _TooLarge(Exception):
         self.limit = limit
 
 
-def _whole_body(response: requests.Response, limit: int, cut: bool = False) -> bytes:
+def _whole_body(response: requests.Response, limit: int, secret: str, cut: bool = False) -> bytes:
     """An answer's whole body, decoded from its Content-Encoding: _Cut if it is shorter than its
     Content-Length or its encoding did not end; beyond ``limit`` bytes, _TooLarge, or with
-    ``cut`` its first ``limit`` bytes (an error's detail needs no more)."""
+    ``cut`` its first ``limit`` bytes (an error's detail needs no more), the secret masked first."""
+    room = limit + len(secret) if cut else limit  # a secret across the cut is read whole, to be masked
     if not callable(getattr(response.raw, "stream", None)):  # a session's own adapter, not urllib3's
-        return response.content[: limit if cut else None]
-    decoder = _Decoder(response.headers.get("Content-Encoding", ""))
+        content = response.content
+        return _cut_masked(content, limit, secret) if cut and len(content) > room else content
+    decoder = _Decoder(response.headers.get("Content-Encoding", ""), secret)
     pieces: List[bytes] = []
     size = received = 0
     for block in response.raw.stream(_BLOCK, decode_content=False):
@@ -1795,13 +1807,25 @@ def _whole_body(response: requests.Response, limit: int, cut: bool = False) -> b
         for piece in decoder.feed(block):
             size += len(piece)
             pieces.append(piece)
-            if size > limit:
+            if size > room:
                 if cut:
-                    return b"".join(pieces)[:limit]
+                    return _cut_masked(b"".join(pieces), limit, secret)
                 raise _TooLarge(limit)
     _check_length(response, received)
     pieces.append(decoder.end())
     return b"".join(pieces)
+
+
+def _cut_masked(content: bytes, limit: int, secret: str) -> bytes:
+    """The first ``limit`` bytes of a body with the secret masked, and no start of it left at the cut."""
+    if not secret:
+        return content[:limit]
+    mark = secret.encode()
+    cut = content.replace(mark, b"***")[:limit]
+    for length in range(len(mark) - 1, 0, -1):
+        if cut.endswith(mark[:length]):
+            return cut[:-length]
+    return cut
 
 
 def _check_length(response: requests.Response, received: int) -> None:
@@ -1815,14 +1839,16 @@ class _Decoder:
     """Undoes a body's Content-Encoding as its blocks come: gzip and deflate, which the client
     asks for; any other is refused, and an encoded body must reach its end."""
 
-    def __init__(self, encoding: str) -> None:
+    def __init__(self, encoding: str, secret: str = "") -> None:
         self.encoding = encoding.strip().lower()
+        self._raw = False  # deflate without its zlib header, as some servers send it
         if self.encoding in ("", "identity"):
             self._inflate: Any = None
         elif self.encoding in ("gzip", "x-gzip", "deflate"):
             self._inflate = self._new()
         else:
-            raise _Unreadable(f"the answer came in Content-Encoding {encoding!r}, which the client did not ask for")
+            named = _masked(encoding, secret)  # a server may echo anything, the key included
+            raise _Unreadable(f"the answer came in Content-Encoding {named!r}, which the client did not ask for")
 
     def feed(self, block: bytes) -> Iterator[bytes]:
         """What a block decodes to, in pieces of at most _BLOCK bytes: a small block may hold a lot."""
@@ -1834,7 +1860,10 @@ class _Decoder:
             try:
                 piece = self._inflate.decompress(data, _BLOCK)
             except zlib.error as exc:
-                raise _Cut(f"the answer's {self.encoding} encoding is broken ({exc})") from None
+                if self.encoding != "deflate" or self._raw or self._inflate.total_out:
+                    raise _Cut(f"the answer's {self.encoding} encoding is broken ({exc})") from None
+                self._raw, self._inflate = True, self._new()  # no zlib header: raw deflate, as urllib3 reads it
+                continue
             data = self._inflate.unconsumed_tail
             if self._inflate.eof and self._inflate.unused_data:  # gzip members one after another
                 data, self._inflate = self._inflate.unused_data, self._new()
@@ -1851,10 +1880,12 @@ class _Decoder:
         return rest  # type: ignore[no-any-return]
 
     def _new(self) -> Any:
+        if self._raw:
+            return zlib.decompressobj(-zlib.MAX_WBITS)
         return zlib.decompressobj(zlib.MAX_WBITS | 32)  # a gzip or a zlib header, told by its first bytes
 
 
-class _Unreadable(CodewordsError):
+class _Unreadable(APIStatusError):
     """An answer in an encoding the client cannot read."""
 
 
@@ -1937,7 +1968,7 @@ def _status_error(request: _Request, answer: _Answer, why: str) -> APIStatusErro
         detail = body.get("detail") if isinstance(body, dict) and "detail" in body else body
     message = f"{status} {answer.reason} from {request.describe()}".replace("  ", " ")
     if 300 <= status < 400:
-        location = _masked(answer.headers.get("Location"), answer.key)
+        location = _masked(unquote(answer.headers.get("Location", "")), answer.key)  # an encoded key too
         message += f": redirected to {location!r}, which is not followed: {why}"
     elif detail not in (None, ""):
         message += ": " + _describe(detail)
@@ -1973,6 +2004,8 @@ def _describe(detail: Any) -> str:
             text = json.dumps(detail, ensure_ascii=False, default=str)
         except RecursionError:
             text = "(JSON nested too deeply to show)"
+        except ValueError:  # an integer longer than Python turns into text (4,300 digits)
+            text = "(a number too long to show)"
     text = " ".join(text.split())
     return text if len(text) <= 500 else text[:497] + "..."
 
@@ -2077,6 +2110,11 @@ def _response_status(record: Dict[str, Any], request_id: str) -> Optional[int]:
     )
 
 
+def _started(record: Dict[str, Any]) -> bool:
+    """Whether a record shows that a run claimed its id (a provisioned husk has none of these)."""
+    return bool(record.get("startedAt") or record.get("serviceId")) or record.get("responseStatus") is not None
+
+
 def _finished(record: Dict[str, Any]) -> bool:
     return bool(record.get("completedAt")) or record.get("responseStatus") is not None
 
@@ -2120,6 +2158,7 @@ class _Sent:
     def __init__(self, request_id: Optional[str]) -> None:
         self.ids: List[Optional[str]] = [request_id]
         self.sending = False  # once its id is known: the run may be on its way
+        self.reserved = False  # its id came from a reserve: the API may refuse it, if it expired
 
     @property
     def current(self) -> Optional[str]:
@@ -2140,19 +2179,9 @@ def _run(client: Client, plan: _RunPlan, deadline: float, request_id: Optional[s
     sent = _Sent(request_id)
     follower = _LogFollower(client, plan.key, plan.on_log) if plan.on_log is not None else None
     with _waiting(follower, deadline, lambda: sent.interrupted(plan.service_id)):
-        reserve, reserved = plan.ids or client._ids, False
         if request_id is None and plan.needs_id:
-            sent.ids[-1], reserved = reserve.take(client, plan.key, deadline)
+            sent.ids[-1], sent.reserved = (plan.ids or client._ids).take(client, plan.key, deadline)
         sent.sending = True
-        if follower is not None:
-            follower.follow(sent.current)
-        try:
-            return _send_run(client, plan, deadline, sent, follower)
-        except APIStatusError as exc:
-            if not reserved or not reserve.refused(client, plan, exc):
-                raise
-        logger.info("the reserved request id %s was refused; sending the run under a new one", sent.current)
-        sent.ids[-1] = _provision_for_run(client, plan.key, deadline)
         if follower is not None:
             follower.follow(sent.current)
         return _send_run(client, plan, deadline, sent, follower)
@@ -2195,7 +2224,17 @@ def _send_run(client: Client, plan: _RunPlan, deadline: float, sent: _Sent, foll
     try:
         return _output_of(client._send(request))
     except _Unanswered as unanswered:
-        lost = unanswered  # handled below, so that what follows is not chained to it
+        lost: Optional[_Unanswered] = unanswered  # handled below, so that what follows is not chained to it
+    except APIStatusError as refusal:
+        if not sent.reserved or not _id_refused(client, plan.key, refusal, deadline):
+            raise
+        lost = None
+    if lost is None:  # the reserved id was refused: once more, under a new one
+        logger.info("the reserved request id %s was refused; the run is sent under a new one", request_id)
+        sent.ids[-1], sent.reserved = _provision_for_run(client, plan.key, deadline), False
+        if follower is not None:
+            follower.follow(sent.current)
+        return _send_run(client, plan, deadline, sent, follower)
     if lost.record is None:
         return _fall_back(client, plan, deadline, sent, follower, lost.error)
     record, error = lost.record, lost.error  # the run started: its answer is its record's
@@ -2274,20 +2313,6 @@ class _Reserve:
             return held, True
         return _provision_for_run(client, key, deadline), False
 
-    def refused(self, client: Client, plan: _RunPlan, error: APIStatusError) -> bool:
-        """Whether a run's reserved id was refused (it may have expired): a 404, 409 or 410 of the
-        API's, and the id's record is gone or shows that no run started."""
-        request_id = error.request_id
-        if isinstance(error, RunFailed) or error.status_code not in (404, 409, 410) or request_id is None:
-            return False
-        try:
-            record = _record(client, plan.key, request_id, client._deadline(None))
-        except NotFoundError:
-            return True
-        except CodewordsError:
-            return False
-        return not (record.get("startedAt") or record.get("serviceId") or record.get("responseStatus") is not None)
-
     def refill(self, client: Client, key: _Key) -> None:
         """Provision in the background until the ids held and under way are what is wanted: after
         each take, and as a map submits items."""
@@ -2310,6 +2335,27 @@ class _Reserve:
             if request_id is not None and self._pid == os.getpid():
                 self._ids.append((key.value, request_id))
             self._changed.notify_all()
+
+
+def _id_refused(client: Client, key: _Key, error: APIStatusError, deadline: float) -> bool:
+    """Whether the API refused a reserved id (it may have expired): a 404, 409 or 410 of the
+    API's to the run, and the id's record gone or of no run, twice, RECORD_SETTLE apart."""
+    request_id = error.request_id
+    if isinstance(error, RunFailed) or error.status_code not in (404, 409, 410) or request_id is None:
+        return False
+    for look in range(2):
+        if look:
+            if time.monotonic() + RECORD_SETTLE >= deadline:
+                return False
+            _sleep(RECORD_SETTLE)
+        try:
+            if _started(_record(client, key, request_id, deadline)):
+                return False
+        except NotFoundError:
+            pass  # no such record: the id is unknown
+        except CodewordsError:
+            return False
+    return True
 
 
 def _provision_for_run(client: Client, key: _Key, deadline: float) -> Optional[str]:
@@ -2633,7 +2679,7 @@ class LogStream:
         parser = _LogParser(answer.headers.get("Content-Type", ""))
         try:
             with response:
-                for line in _split_lines(_stream_blocks(response)):
+                for line in _split_lines(_stream_blocks(response, answer.key)):
                     self._check_stopped()  # a closed stream yields nothing more
                     entry = parser.feed(line)
                     if entry is not None and position.is_new(entry, parser.event_id):
@@ -2768,13 +2814,12 @@ class _LogFollower:
         stream, thread = self._stream, self._thread
         if stream is None or thread is None:
             return
-        wait = LOG_CALLBACK_WAIT
+        now = time.monotonic()
+        until = now + LOG_CALLBACK_WAIT if drain_until is None else min(now + LOG_GRACE, drain_until)
         if drain_until is not None:
-            wait = max(0.0, min(LOG_GRACE, drain_until - time.monotonic()))
-            thread.join(wait)
-            wait = max(0.0, min(LOG_GRACE, drain_until - time.monotonic()))
+            thread.join(max(0.0, until - time.monotonic()))
         stream.close()  # the thread's blocked read returns at once, and it ends; no other on_log begins
-        thread.join(wait)
+        thread.join(max(0.0, until - time.monotonic()))
         self._stream = self._thread = None
 
     def _pump(self, stream: LogStream) -> None:
@@ -2921,11 +2966,11 @@ def _time_order(a: Tuple[str, Optional[int]], b: Tuple[str, Optional[int]]) -> i
     return (a[0] > b[0]) - (a[0] < b[0])
 
 
-def _stream_blocks(response: requests.Response) -> Iterator[bytes]:
+def _stream_blocks(response: requests.Response, secret: str) -> Iterator[bytes]:
     """A streamed body's bytes as they arrive, decoded, in blocks of up to _BLOCK; _Cut if it ends
     short of its Content-Length or of its encoding's end. A urllib3 without read1 (before 2.1)
     gives a chunked body chunk by chunk too, but reads any other in blocks of _BLOCK or to its end."""
-    decoder = _Decoder(response.headers.get("Content-Encoding", ""))
+    decoder = _Decoder(response.headers.get("Content-Encoding", ""), secret)
     read1 = getattr(response.raw, "read1", None)
     if read1 is not None:
         blocks: Iterable[bytes] = iter(lambda: read1(_BLOCK, decode_content=False), b"")
@@ -3240,7 +3285,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.buffer.flush()
     elif output is not _NO_OUTPUT:
         layout: Dict[str, Any] = {"indent": 2} if sys.stdout.isatty() else {"separators": (",", ":")}
-        print(_json_text(_unechoed(output), **layout))
+        # Python 3.11+ writes no integer of over 4,300 digits as text, and an output may hold one.
+        digits, set_digits = getattr(sys, "get_int_max_str_digits", int)(), getattr(sys, "set_int_max_str_digits", None)
+        if set_digits is not None:
+            set_digits(0)
+        try:
+            print(_json_text(_unechoed(output), **layout))
+        finally:
+            if set_digits is not None:
+                set_digits(digits)
     return EXIT_OK
 
 
