@@ -572,7 +572,7 @@ class Client:
         key = self._api_key or os.environ.get(API_KEY_ENV)
         if not key:
             raise ConfigurationError(f"no API key: pass Client(api_key=...) or set ${API_KEY_ENV}")
-        if not _KEY.match(key):
+        if not re.match(_KEY, key):
             raise ConfigurationError("the API key has spaces or control characters in it")
         return _Key(key)
 
@@ -589,12 +589,14 @@ class Client:
 # Checks: bad input is refused here, before anything is sent
 # ---------------------------------------------------------------------------------------------
 
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
+# Patterns are kept as text: re compiles each on its first use and caches it, so that importing the
+# module compiles none.
+_NAME = r"[A-Za-z0-9_.\-]+\Z"
 _PATH_SAFE = "!$&'()*+,;=:@"  # kept as they are in a path segment (RFC 3986 pchar); all else is encoded
-_KEY = re.compile(r"[\x21-\x7e]+\Z")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
+_KEY = r"[\x21-\x7e]+\Z"
+_HEADER_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z"  # an RFC 9110 token
 # A header value HTTP carries as it is: Latin-1, no control characters, no space at its ends.
-_HEADER_VALUE = re.compile(r"([!-~\x80-\xff]([ -~\x80-\xff]*[!-~\x80-\xff])?)?\Z")
+_HEADER_VALUE = r"([!-~\x80-\xff]([ -~\x80-\xff]*[!-~\x80-\xff])?)?\Z"
 _ONE_REQUEST = "{}, and a one-time key allows one request"
 
 
@@ -662,7 +664,7 @@ def _check_fallback(fallback: Any) -> Optional[Literal["resume", "rerun"]]:
 
 def _check_name(what: str, name: Any) -> str:
     """A service id or request id: letters, digits, '_', '-' and '.'."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not re.match(_NAME, name) or name in (".", ".."):
         raise ConfigurationError(f"bad {what} {name!r}: use letters, digits, '_', '-' and '.'")
     return name
 
@@ -694,11 +696,11 @@ def _check_headers(headers: Any) -> Dict[str, str]:
         raise ConfigurationError(f"headers must be a mapping of names to values, not {type(headers).__name__}")
     owned = {name.lower() for name in OWN_HEADERS}
     for name, value in headers.items():
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        if not isinstance(name, str) or not re.match(_HEADER_NAME, name):
             raise ConfigurationError(f"bad header name {name!r}")
         if name.lower() in owned:
             raise ConfigurationError(f"the {name} header is the client's own: it cannot be set")
-        if not isinstance(value, str) or not _HEADER_VALUE.match(value):
+        if not isinstance(value, str) or not re.match(_HEADER_VALUE, value):
             raise ConfigurationError(
                 f"bad value for the {name} header: want Latin-1 text with no control characters or outer spaces"
             )
@@ -1728,10 +1730,10 @@ _WATCHED_POOLS = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
 
 _BLOCK = 64 << 10  # the most bytes read from a socket, or decoded from a block, at once
 _OUTPUT_FIELDS = ("responseStatus", "responseJson", "responseContent")  # a finished record has one
-_STATUS_TEXT = re.compile(r"\s*([0-9]{3})(?:\.0*)?\s*\Z")
-_CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
-_XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
-_XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
+_STATUS_TEXT = r"\s*([0-9]{3})(?:\.0*)?\s*\Z"
+_CHARSET = r"""(?i)charset\s*=\s*["']?([^"';\s]+)"""
+_XML_CODE = r"(?s)<Code>(.*?)</Code>"
+_XML_MESSAGE = r"(?s)<Message>(.*?)</Message>"
 _STATUS_ERRORS = {
     401: AuthenticationError,
     403: AuthenticationError,
@@ -1929,7 +1931,7 @@ def _output_of(answer: _Answer) -> Any:
         return None
     media_type, _, parameters = answer.headers.get("Content-Type", "").partition(";")
     media_type = media_type.strip().lower()
-    charset = _CHARSET.search(parameters)
+    charset = re.search(_CHARSET, parameters)
     encoding = charset.group(1) if charset else "utf-8"
     if media_type == "application/json" or media_type.endswith("+json"):
         return _decode(_decoded_text(content, encoding).lstrip("\ufeff") if charset else content)
@@ -1987,7 +1989,7 @@ def _status_error(request: _Request, answer: _Answer, why: str) -> APIStatusErro
 
 def _storage_detail(text: str, content: bytes) -> Any:
     """The storage host's own message: S3's XML Code and Message, else the body decoded."""
-    code, message = _XML_CODE.search(text), _XML_MESSAGE.search(text)
+    code, message = re.search(_XML_CODE, text), re.search(_XML_MESSAGE, text)
     if code or message:
         return ": ".join(m.group(1).strip() for m in (code, message) if m)
     return _describe(_decode(content)) if content else ""
@@ -2098,7 +2100,7 @@ def _response_status(record: Dict[str, Any], request_id: str) -> Optional[int]:
         return None
     number: Any = status
     if isinstance(status, str):
-        match = _STATUS_TEXT.match(status)
+        match = re.match(_STATUS_TEXT, status)
         number = int(match.group(1)) if match else None
     elif isinstance(status, float) and status.is_integer():
         number = int(status)
@@ -2605,10 +2607,10 @@ class _MapGate:
 # _LogPosition remembers how far delivery has gone, to ask a reconnect to resume from there and
 # to skip what the server sends again. _LogFollower feeds a stream to on_log while a run goes on.
 
-_ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-_SSE_FIELD = re.compile(r":|(data|id|event|retry)(:|\Z)")
-_DIGITS = re.compile(r"[0-9]+\Z")
+_ISO_8601 = r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:[.,](\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z"
+_LINE_END = re.compile(rb"\r\n|\r|\n")  # compiled: it is searched from a position
+_SSE_FIELD = r":|(data|id|event|retry)(:|\Z)"
+_DIGITS = r"[0-9]+\Z"
 _LOG_EVENT_TYPES = ("", "message", "log")  # SSE event types that carry log entries
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 # What makes a log stream reconnect, counted toward LOG_RECONNECTS: its connection failed or
@@ -2877,7 +2879,7 @@ class _LogParser:
         if not self._started:
             text = text[1:] if text.startswith("\ufeff") else text  # a byte order mark
             self._started = bool(text.strip())
-            self.sse = self.sse or (self._sniff and bool(_SSE_FIELD.match(text)))
+            self.sse = self.sse or (self._sniff and bool(re.match(_SSE_FIELD, text)))
         if not self.sse:
             text = text.strip()
             return _parse_log_line(text) if text and not text.startswith(":") else None
@@ -2899,7 +2901,7 @@ class _LogParser:
             self._type = value
         elif name == "id" and "\0" not in value:
             self.event_id = value
-        elif name == "retry" and _DIGITS.match(value):
+        elif name == "retry" and re.match(_DIGITS, value):
             self.retry = min(int(value) / 1000, RETRY_AFTER_MAX)
 
 
@@ -3018,7 +3020,7 @@ def _parse_log_line(text: str) -> LogEntry:
 
 def _instant(timestamp: str) -> Optional[int]:
     """An ISO 8601 timestamp in nanoseconds since the epoch (UTC if it names no zone), or None."""
-    match = _ISO_8601.match(timestamp.strip())
+    match = re.match(_ISO_8601, timestamp.strip())
     if not match:
         return None
     year, month, day, hour, minute, second, fraction, zone = match.groups()
@@ -3039,14 +3041,14 @@ def _header_value(event_id: str) -> str:
     (how http.client sends header values), or "" when it cannot go into a header unchanged
     (spaces or control characters at its ends or in it); the resume then rests on ?after=."""
     value = event_id.encode("utf-8").decode("latin-1")
-    return value if _HEADER_VALUE.match(value) else ""
+    return value if re.match(_HEADER_VALUE, value) else ""
 
 
 # ---------------------------------------------------------------------------------------------
 # Uploads: a file streamed to the storage host, which never sees the key
 # ---------------------------------------------------------------------------------------------
 
-_BAD_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+_BAD_FILENAME = r"[/\\\x00-\x1f\x7f]"
 
 
 def _upload_urls(
@@ -3189,7 +3191,7 @@ def _check_filename(filename: Optional[str]) -> str:
         not isinstance(filename, str)
         or not filename.strip()
         or filename in (".", "..")
-        or _BAD_FILENAME.search(filename)
+        or re.search(_BAD_FILENAME, filename)
     ):
         raise ValueError(f"bad filename {filename!r}: want a plain file name such as 'data.csv'")
     try:
