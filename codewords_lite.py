@@ -1333,21 +1333,25 @@ def _redirect_target(call: _Call, answer: _Answer, spent: bool) -> Tuple[Optiona
         target = urljoin(answer.url, location.strip())
     except ValueError:  # an unclosed "[" of an IPv6 address, say
         return None, "its Location is not a URL"
-    base = answer.url
-    if _origin(target) is None or _origin(target) != _origin(base):
-        return None, "it leaves the API's scheme, host and port, and the key must not"
-    if answer.key and answer.key in unquote(target):
-        return None, "its URL holds the API key"
-    if call.starts == _RUN and _slashless(target) != _slashless(base):
-        return None, "a run follows only a redirect that adds or drops a trailing slash"
-    if spent:
-        return None, (
-            "a one-time key is spent by the first request"
-            if answer.key.startswith(ONE_TIME_KEY_PREFIX)
-            else f"more than {MAX_REDIRECTS} redirects in a row"
+    why = _why_not_to(call, answer, target)
+    if why or spent:
+        once = answer.key.startswith(ONE_TIME_KEY_PREFIX)
+        return None, why or (
+            "a one-time key is spent by the first request" if once else f"more than {MAX_REDIRECTS} redirects in a row"
         )
-    api, parts = urlsplit(base), urlsplit(target)
+    api, parts = urlsplit(answer.url), urlsplit(target)
     return urlunsplit((api.scheme, api.netloc, parts.path, parts.query, "")), ""  # the API's spelling, no fragment
+
+
+def _why_not_to(call: _Call, answer: _Answer, target: str) -> str:
+    """Why a redirect may not lead to this URL, or "" if it may."""
+    if _origin(target) is None or _origin(target) != _origin(answer.url):
+        return "it leaves the API's scheme, host and port, and the key must not"
+    if answer.key and answer.key in unquote(target):
+        return "its URL holds the API key"
+    if call.starts == _RUN and _slashless(target) != _slashless(answer.url):
+        return "a run follows only a redirect that adds or drops a trailing slash"
+    return ""
 
 
 def _slashless(url: str) -> Tuple[str, str]:
