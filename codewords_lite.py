@@ -2740,6 +2740,7 @@ class _Journal:
             key = self._key_of(item)
             if not isinstance(key, str):
                 raise TypeError(f"key() must return a str, not {type(key).__name__}")
+            key = key.replace(self._plan.key.value, "***")  # the API key is never written
             digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
             if self._seen[digest]:
                 raise ConfigurationError(f"key() gave {key!r} to two items of the map: each needs its own")
@@ -2750,6 +2751,7 @@ class _Journal:
             base = _json_text([plan.service_id, plan.url_path, plan.method, item], **_CANONICAL)
         except (TypeError, ValueError, RecursionError) as exc:
             raise TypeError(f"inputs are not JSON-serialisable: {exc}") from exc
+        base = base.replace(plan.key.value, "***")  # inputs that hold the API key: never written
         digest = hashlib.blake2b(base.encode("utf-8"), digest_size=16).digest()
         occurrence = self._seen[digest]
         self._seen[digest] += 1
