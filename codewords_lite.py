@@ -3693,7 +3693,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler.addFilter(_unechoed_record)
         logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     status = _Status(sys.stderr, enabled=sys.stderr.isatty() and not args.debug)
-    if not os.environ.get(API_KEY_ENV):
+    if not os.environ.get(API_KEY_ENV) and not getattr(args, "offline", False):
         print(f"codewords-lite: no API key: export {API_KEY_ENV}=... (from the environment only)", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -3805,6 +3805,19 @@ def _cli_parser(argparse: Any) -> Any:
     upload.add_argument("file", metavar="FILE")
     upload.add_argument("--filename", help="the name to store it under (default: the file's)")
     upload.add_argument("--content-type", help="default: guessed from the name")
+    batch = command("map", _cli_map, "run a workflow once per line of JSON Lines, printing a line per item in order")
+    batch.add_argument("service_id", metavar="SERVICE_ID")
+    batch.add_argument(
+        "file", metavar="FILE", nargs="?", default="-", help="JSON Lines, one run's inputs a line; - for stdin"
+    )
+    batch.add_argument("--journal", metavar="FILE", help="a journal: the same command again resumes the batch")
+    batch.add_argument("--workers", type=int, default=8, help="runs at once (default 8)")
+    batch.add_argument("--timeout", type=float, help="seconds to wait for each item (default 600)")
+    batch.add_argument("--retry-failed", action="store_true", help="run again the items the journal holds as failed")
+    batch.add_argument("--path", default="", help="a path after the service id")
+    summary = command("journal", _cli_journal, "print what a journal holds: finished, failed, in flight, never sent")
+    summary.add_argument("journal", metavar="FILE")
+    summary.set_defaults(offline=True)
     return parser
 
 
@@ -3867,6 +3880,94 @@ def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
         raise _UsageError(str(exc)) from None
     print(url)
     return _NO_OUTPUT
+
+
+def _cli_map(client: Client, args: Any, status: _Status) -> Any:
+    """``map``: every line checked before anything is sent, then a line out per item, in order:
+    {"index", "request_id", "output"}, bytes as "output_base64", or "error": {"type", "message",
+    "status_code"}. Exit 1 if any failed, 3 if any passed its deadline (the same command picks it up)."""
+    import base64
+    import sys
+
+    items = _cli_lines(args.file)
+    plan = client._plan(args.service_id, args.path, "POST", None, _CLIENT_DEFAULT, None)
+    plan.key.refuse("map sends a request an item")
+    workers = _check_count("--workers", args.workers, 1)
+    seconds = client.timeout if args.timeout is None else _check_seconds("--timeout", args.timeout)
+    with contextlib.ExitStack() as stack:
+        path = args.journal or os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "batch.db")
+        book = _Journal.open(path, plan, None, args.retry_failed, len(items))
+        book.tagged = True  # items come as (request_id, output)
+        mapper = _Mapper(client, plan, seconds, workers, True, book)
+        counts, started = {"done": 0, "failed": 0, "late": 0}, time.monotonic()
+        stack.enter_context(status.showing(lambda: _batch_line(counts, len(items), started)))
+        try:
+            for index, result in enumerate(mapper.outputs(items, True, None, len(items))):
+                line: Dict[str, Any] = {"index": index, "request_id": getattr(result, "request_id", None)}
+                if isinstance(result, BaseException):
+                    counts["failed"] += 1
+                    counts["late"] += isinstance(result, RunTimeout)
+                    status_code = getattr(result, "status_code", None)
+                    line["error"] = {"type": type(result).__name__, "message": str(result), "status_code": status_code}
+                else:
+                    line["request_id"], output = result
+                    if isinstance(output, bytes):
+                        line["output_base64"] = base64.b64encode(_unechoed(output)).decode("ascii")
+                    else:
+                        line["output"] = output
+                counts["done"] += 1
+                sys.stdout.write(_json_text(_unechoed(line)) + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            if args.journal:
+                print("the same command resumes the batch, with no run paid twice", file=sys.stderr)
+            raise
+    if counts["late"]:
+        again = (
+            "the same command picks them up" if args.journal else "with --journal, the same command would pick them up"
+        )
+        raise RunTimeout(f"{counts['late']} of {len(items)} items passed their deadline and may go on: {again}")
+    if counts["failed"]:
+        raise CodewordsError(f"{counts['failed']} of {len(items)} items failed")
+    return _NO_OUTPUT
+
+
+def _cli_lines(name: str) -> List[Any]:
+    """A batch's inputs, JSON Lines, read whole and checked before anything is sent; blank lines
+    are skipped (an item's index counts items, not lines)."""
+    import sys
+
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(name, "rb") as file:
+                data = file.read()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
+    items = []
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+            if text.strip():
+                items.append(json.loads(text))
+        except UnicodeDecodeError:
+            raise _UsageError(f"{name}, line {number}: not UTF-8 text; nothing was sent") from None
+        except (ValueError, RecursionError) as exc:
+            raise _UsageError(f"{name}, line {number}: not valid JSON ({exc}); nothing was sent") from None
+    return items
+
+
+def _batch_line(counts: Dict[str, int], total: int, started: float) -> str:
+    """The status of a map: items done of all, failed, rate and time left."""
+    done, elapsed = counts["done"], max(time.monotonic() - started, 1e-3)
+    rate = done / elapsed
+    left = f"{(total - done) / rate:.0f} s left" if rate else "time left unknown"
+    return f"{done}/{total} done  {counts['failed']} failed  {rate:.1f}/s  {left}"
+
+
+def _cli_journal(client: Client, args: Any, status: _Status) -> Any:
+    return _journal_summary(args.journal)
 
 
 def _cli_inputs(args: Any) -> Any:

@@ -326,3 +326,67 @@ def test_killed_twice_then_finished(runtime, journal, settle):
         child.kill()
         runtime.on_event = None
     kill_then_resume(runtime, journal, hold="outcome", nth=4)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(runtime, monkeypatch, capsys):
+    """``codewords-lite ARGS`` in this process: its exit code, standard output's lines, standard error."""
+    monkeypatch.setenv("CODEWORDS_API_KEY", runtime.api_key)
+    monkeypatch.setenv("CODEWORDS_BASE_URL", runtime.url)
+
+    def call(*args):
+        code = cw.main(list(args))
+        out, err = capsys.readouterr()
+        assert runtime.api_key not in out + err
+        return code, [json.loads(line) for line in out.splitlines()], err
+
+    return call
+
+
+def test_the_command_line_maps_resumes_and_says_how_it_went(cli, runtime, tmp_path, journal):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"ok": 1}\n\n{"fail": "no"}\n{"ok": 2}\n')
+    code, lines, err = cli("map", "check", str(batch), "--journal", journal, "--workers", "2")
+    assert code == 1 and "1 of 3 items failed" in err
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert lines[0]["output"] == {"ok": 1} and lines[2]["output"] == {"ok": 2}
+    assert lines[1]["error"]["type"] == "RunFailed" and lines[1]["error"]["status_code"] == 422
+    assert all(line["request_id"] for line in lines)
+    sent = len(runtime.calls)
+    assert cli("map", "check", str(batch), "--journal", journal) == (code, lines, err)  # replayed
+    assert len(runtime.calls) == sent
+    assert cli("journal", journal)[:2] == (0, [{"finished": 2, "failed": 1, "in_flight": 0, "never_sent": 0}])
+    code, again, _ = cli("map", "check", str(batch), "--journal", journal, "--retry-failed")
+    assert code == 1 and again[1]["request_id"] != lines[1]["request_id"]
+    assert runtime.executions["check"] == 4
+    batch.write_text('{"ok": 1}\n{"ok": 2}\n')
+    assert cli("map", "check", str(batch), "--journal", journal)[0] == 0
+
+
+def test_the_command_line_writes_bytes_as_base64_and_needs_no_journal(cli, tmp_path):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"hex": "00ff"}\n')
+    code, lines, _ = cli("map", "echo-bytes", str(batch))
+    assert code == 0 and lines[0]["output_base64"] == "AP8=" and "output" not in lines[0]
+
+
+def test_a_bad_line_is_named_and_nothing_is_sent(cli, runtime, tmp_path, journal):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"ok": 1}\n{"ok": 2}\n{"ok": \n')
+    code, lines, err = cli("map", "check", str(batch), "--journal", journal)
+    assert (code, lines) == (2, []) and "line 3: not valid JSON" in err
+    assert runtime.calls == []
+
+
+def test_a_deadline_is_exit_3_and_the_same_command_picks_it_up(cli, runtime, tmp_path, journal):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"seconds": 1.5}\n{"seconds": 0}\n')
+    code, lines, err = cli("map", "sleep", str(batch), "--journal", journal, "--timeout", "0.5")
+    assert code == 3 and lines[0]["error"]["type"] == "RunTimeout" and "the same command picks them up" in err
+    assert cli("journal", journal)[1] == [{"finished": 1, "failed": 0, "in_flight": 1, "never_sent": 0}]
+    code, lines, _ = cli("map", "sleep", str(batch), "--journal", journal)
+    assert code == 0 and lines[0]["output"] == {"slept": 1.5}
+    assert runtime.executions["sleep"] == 2
