@@ -2487,19 +2487,32 @@ class _Mapper:
                 self._reading = False
                 continue
             item_key: Any = None
-            fresh = False
+            fresh = inline = False
             if self._journal is not None:  # keys in input order: an item's occurrence among equal ones
                 try:
                     item_key = self._journal.key_of(item[1])
-                    fresh = self._journal.needs_id(item_key)
+                    fresh, inline = self._journal.needs_id(item_key), self._journal.replays(item_key)
                 except Exception as exc:  # raised as the item's failure
                     item_key = exc
                 with self._fresh_lock:
                     self._fresh += fresh
-            self._window[pool.submit(self._run_item, item[0], item[1], item_key, fresh)] = item[0]
+            self._window[self._submit(pool, inline, item[0], item[1], item_key, fresh)] = item[0]
             self._submitted += 1
         if self._plan.needs_id or self._journal is not None:
             self._ids.refill(self._client, self._plan.key)  # the ids of the items now waiting, fetched ahead
+
+    def _submit(self, pool: Any, inline: bool, *item: Any) -> Future[Any]:
+        """An item's run handed to a worker; one that sends no request (a replay) is run here, at once."""
+        if not inline:
+            return pool.submit(self._run_item, *item)  # type: ignore[no-any-return]
+        import concurrent.futures
+
+        future: Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(self._run_item(*item))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
     def _ids_wanted(self) -> int:
         """How many ids to fetch ahead: one per item waiting to begin (of a journaled map, one
@@ -2666,6 +2679,7 @@ class _Journal:
         self._key_of: Optional[Callable[[Any], str]] = None
         self._retry_failed = retry_failed
         self._seen: Counter[bytes] = collections.Counter()  # digests of keys so far: occurrence numbers
+        self._states: Dict[str, str] = dict(connection.execute("SELECT key, state FROM items"))  # read once
         self._lock = threading.Lock()
         self._closed = False
         self._no_ids = False  # the API offers no request ids: every item fails, none is sent
@@ -2760,14 +2774,19 @@ class _Journal:
     def needs_id(self, key: str) -> bool:
         """Whether the item will need a new request id: one the journal does not know, or a
         failure to run again."""
-        row = self._row(key)
-        return row is None or (row[0] == "failed" and self._retry_failed)
+        state = self._states.get(key)
+        return state is None or (state == "failed" and self._retry_failed)
+
+    def replays(self, key: str) -> bool:
+        """Whether the item's outcome is recorded, to be replayed with no request."""
+        state = self._states.get(key)
+        return state == "done" or (state == "failed" and not self._retry_failed)
 
     # -- what an item does ---------------------------------------------------------------------
 
     def step(self, client: Client, plan: _RunPlan, key: str, deadline: float) -> _Step:
         """What an item does, given what the journal holds of it (see the comment above)."""
-        row = self._row(key)
+        row = self._row(key) if key in self._states else None  # a key it does not hold costs no query
         if row is None:
             return _Step(_NEW)
         state, request_id, sent_at = row[0], row[1], row[2]
@@ -2889,6 +2908,7 @@ class _Journal:
             "INSERT OR REPLACE INTO items (key, state, request_id, sent_at) VALUES (?, 'sent', ?, ?)",
             (key, request_id, time.time()),
         )
+        self._states[key] = "sent"
 
     def _commit_outcome(
         self, key: str, request_id: str, state: str, output_type: Optional[str], output: Any, error: Optional[str]
@@ -2900,6 +2920,7 @@ class _Journal:
             (state, time.time(), output_type, output, error, key, request_id),
             sent=False,
         )
+        self._states[key] = state
 
     def _write(self, statement: str, values: Tuple[Any, ...], sent: bool = True) -> None:
         import sqlite3
@@ -2939,7 +2960,10 @@ def _storable(output: Any, secret: str) -> Tuple[str, Any]:
         return "bytes", bytes(output).replace(secret.encode("utf-8", "replace"), b"***")
     if isinstance(output, str):
         return "str", output.replace(secret, "***")
-    return "json", _json_text(_masked(output, secret), separators=(",", ":"))
+    text = _json_text(output, separators=(",", ":"))
+    if secret in text or '"' in secret or "\\" in secret:  # a key JSON would escape is looked for unescaped
+        text = _json_text(_masked(output, secret), separators=(",", ":"))
+    return "json", text
 
 
 def _stored_output(output_type: str, output: Any) -> Any:
