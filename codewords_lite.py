@@ -150,6 +150,8 @@ UPLOAD_BLOCK = 1 << 20  # bytes read from the source per write to the socket
 UPLOAD_READ_TIMEOUT = 120.0  # for the storage host's answer to a PUT
 PROGRESS_INTERVAL = 0.25  # seconds between two on_progress calls
 
+JOURNAL_SETTLE = 10.0  # a journaled run the dead process sent is believed never to arrive this long after its commit
+
 LogEntry = Dict[str, Any]
 _C = TypeVar("_C", bound="Client")  # a subclass of Client keeps its type in a with block
 
@@ -449,6 +451,9 @@ class Client:
         path: str = "",
         fallback: Optional[Literal["resume", "rerun"]] = _CLIENT_DEFAULT,
         headers: Optional[Mapping[str, str]] = None,
+        journal: Optional[Union[str, os.PathLike[str]]] = None,
+        key: Optional[Callable[[Any], str]] = None,
+        retry_failed: bool = False,
     ) -> Iterator[Any]:
         """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
 
@@ -460,14 +465,28 @@ class Client:
         total)`` is called as runs finish (total is None when ``inputs`` has no length). After
         Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on. Closing
         the iterator (or dropping it) stops the map too: ``contextlib.closing(client.map(...))``.
+
+        ``journal``, a file (SQLite, created if missing), makes the batch durable: each item's
+        request id is written down before its run is sent and its outcome when it comes, so that
+        the same map run again after a crash or a kill -9 replays what finished, waits for what
+        was sent, and sends only what never ran. An item is known by ``key(item)``, else by its
+        inputs and how many equal items came before it. A failure recorded there is raised (or
+        returned) again, unless ``retry_failed``. One map at a time per journal: another raises
+        CodewordsError at once.
         """
         plan = self._plan(service_id, path, "POST", headers, fallback, None)  # bad names fail here, not per item
         plan.key.refuse("map sends a request an item")
         _check_count("max_workers", max_workers, 1)
         seconds = self.timeout if timeout is None else _check_seconds("timeout", timeout)
         total = len(inputs) if isinstance(inputs, collections.abc.Sized) else None
-        mapper = _Mapper(self, plan, seconds, max_workers, return_exceptions)
-        return mapper.outputs(inputs, ordered, on_progress, total)
+        book = _Journal.open(journal, plan, key, retry_failed, total) if journal is not None else None
+        if book is None and (key is not None or retry_failed):
+            raise ConfigurationError("key= and retry_failed= are a journal's: pass journal= too")
+        mapper = _Mapper(self, plan, seconds, max_workers, return_exceptions, book)
+        outputs = mapper.outputs(inputs, ordered, on_progress, total)
+        if book is not None:
+            weakref.finalize(outputs, book.close)  # dropped before its first item: its lock is let go at once
+        return outputs
 
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""
@@ -2179,10 +2198,12 @@ class _Sent:
         return message
 
 
-def _run(client: Client, plan: _RunPlan, deadline: float, request_id: Optional[str]) -> Any:
-    """A planned run: its request id provisioned if it needs one, its logs followed while it goes
-    on, and its output. Ctrl-C says whether it was sent and how to pick it up."""
+def _run(client: Client, plan: _RunPlan, deadline: float, request_id: Optional[str], reserved: bool = False) -> Any:
+    """A planned run: its request id provisioned if it needs one (``reserved``: the id given came
+    from a reserve, and may have expired), its logs followed while it goes on, and its output.
+    Ctrl-C says whether it was sent and how to pick it up."""
     sent = _Sent(request_id)
+    sent.reserved = reserved
     follower = _LogFollower(client, plan.key, plan.on_log) if plan.on_log is not None else None
     with _waiting(follower, deadline, lambda: sent.interrupted(plan.service_id)):
         if request_id is None and plan.needs_id:
@@ -2457,15 +2478,26 @@ def _interrupted(what: str, request_id: Optional[str]) -> str:
 class _Mapper:
     """One map(): its plan, made once, and the runs of its items on a pool of threads."""
 
-    def __init__(self, client: Client, plan: _RunPlan, seconds: float, workers: int, return_exceptions: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        plan: _RunPlan,
+        seconds: float,
+        workers: int,
+        return_exceptions: bool,
+        journal: Optional[_Journal] = None,
+    ) -> None:
         self._client, self._plan, self._seconds, self._workers = client, plan, seconds, workers
         self._return_exceptions = return_exceptions
+        self._journal = journal  # a durable batch's: it decides what each item sends
         self._gate = _MapGate()
         self._window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
         self._counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
         self._reading = True
         self._submitted = 0
-        self._ids = _Reserve(workers, ahead=lambda: self._gate.waiting(self._submitted))
+        self._fresh = 0  # of a journaled map, the items submitted that will need a new id, not yet begun
+        self._fresh_lock = threading.Lock()
+        self._ids = _Reserve(workers, ahead=self._ids_wanted)
         self._input_error: Optional[Exception] = None  # raised once the runs sent before it are in
         self._done = 0
 
@@ -2506,6 +2538,8 @@ class _Mapper:
             for future in self._window:
                 future.cancel()
             pool.shutdown(wait=False)
+            if self._journal is not None:
+                self._journal.close()  # runs still going on are waited for by a resume, by their ids
 
     def _fill(self, pool: Any, items: Iterator[Tuple[int, Any]]) -> None:
         """Submit items while the window has room: inputs are read only as workers free up. An
@@ -2517,11 +2551,40 @@ class _Mapper:
                 item, self._input_error = None, exc
             if item is None:
                 self._reading = False
-            else:
-                self._window[pool.submit(self._run_item, *item)] = item[0]
-                self._submitted += 1
-        if self._plan.needs_id:
+                continue
+            item_key: Any = None
+            fresh = inline = False
+            if self._journal is not None:  # keys in input order: an item's occurrence among equal ones
+                try:
+                    item_key = self._journal.key_of(item[1])
+                    fresh, inline = self._journal.needs_id(item_key), self._journal.replays(item_key)
+                except Exception as exc:  # raised as the item's failure
+                    item_key = exc
+                with self._fresh_lock:
+                    self._fresh += fresh
+            self._window[self._submit(pool, inline, item[0], item[1], item_key, fresh)] = item[0]
+            self._submitted += 1
+        if self._plan.needs_id or self._journal is not None:
             self._ids.refill(self._client, self._plan.key)  # the ids of the items now waiting, fetched ahead
+
+    def _submit(self, pool: Any, inline: bool, *item: Any) -> Future[Any]:
+        """An item's run handed to a worker; one that sends no request (a replay) is run here, at once."""
+        if not inline:
+            return pool.submit(self._run_item, *item)  # type: ignore[no-any-return]
+        import concurrent.futures
+
+        future: Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(self._run_item(*item))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def _ids_wanted(self) -> int:
+        """How many ids to fetch ahead: one per item waiting to begin (of a journaled map, one
+        per item waiting that the journal does not know; a replay fetches none)."""
+        waiting = self._gate.waiting(self._submitted)
+        return waiting if self._journal is None else min(waiting, self._fresh)
 
     def _count(self, finished: Set[Future[Any]]) -> None:
         """Count the runs that finished; the first failure cancels what comes after it."""
@@ -2550,13 +2613,22 @@ class _Mapper:
             output = error if error is not None else future.result()
             yield output if ordered else (index, output)
 
-    def _run_item(self, index: int, item: Any) -> Any:
-        """One item: its run planned and sent, unless the map has stopped."""
+    def _run_item(self, index: int, item: Any, item_key: Any = None, fresh: bool = False) -> Any:
+        """One item: its run planned and sent, unless the map has stopped; with a journal, as the
+        journal says (replayed, waited for, or sent under the id it holds or a new one)."""
         gate = self._gate
+        if fresh:
+            with self._fresh_lock:
+                self._fresh -= 1
         plan = self._plan.given(item)._replace(admit=lambda sent: gate.admit(index, sent), ids=self._ids)
         gate.begin()
         try:
-            return _run(self._client, plan, time.monotonic() + self._seconds, None)
+            deadline = time.monotonic() + self._seconds
+            if self._journal is None:
+                return _run(self._client, plan, deadline, None)
+            if isinstance(item_key, Exception):
+                raise item_key
+            return self._journal.run(self._client, plan, item_key, deadline)
         finally:
             gate.finished(index)
 
@@ -2600,6 +2672,438 @@ class _MapGate:
         with self._lock:
             self._stopped = True
             return [(i, r) for i, sent in sorted(self._sent.items()) for r in sent.ids]
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable batches: a map's journal, which owns every decision of what a journaled item sends
+# ---------------------------------------------------------------------------------------------
+#
+# _Journal alone decides, for each item of a map given journal=, which item it is (its key), what
+# it does (_Journal.step: replay the outcome recorded, wait for the run by its id, send under the
+# id recorded, or run as new) and what is committed when. Write-ahead: an item's request id is
+# committed, state 'sent' with the wall-clock time, before each attempt of its POST /run leaves;
+# its outcome (the output, or a final failure: an APIStatusError that is not a 504) when it comes.
+# Nothing is committed on a RunTimeout, a GatewayTimeout, an APIConnectionError or Ctrl-C: the run
+# may go on, and a resume waits for it by its id. The instants of a kill -9, and what a resume
+# does at each:
+#   - before the commit of 'sent' (provisioning, or the id just provisioned): the item is new and
+#     runs under a new id; the id left behind was never sent, and runs nothing.
+#   - after the commit, before its POST left, or while it was on its way: the record of its id
+#     says whether the run started. A POST already on its way may still arrive, so "never started"
+#     is believed only once JOURNAL_SETTLE has passed since the commit (asked again then); the
+#     run is then sent under that same id, so a late arrival and the resend are one run.
+#   - while it runs, or after its answer and before the commit of its outcome: its record has
+#     started (or finished): it is waited for by its id, and its output read from its record.
+#   - after the commit of its outcome: replayed, with no request at all.
+# The commits are SQLite transactions in WAL mode with synchronous=NORMAL: a killed process loses
+# none, a power loss may lose the last ones (each then falls back to the step before it, above).
+
+_REPLAY, _WAIT, _SEND, _NEW = "replay", "wait", "send", "new"  # what _Journal.step says
+_JOURNAL_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS items ("
+    " key TEXT PRIMARY KEY,"  # key(item), else the JSON of [service, path, method, inputs, occurrence]
+    " state TEXT NOT NULL,"  # 'sent', 'done' or 'failed'
+    " request_id TEXT NOT NULL,"
+    " sent_at REAL NOT NULL,"  # seconds since the epoch: the commit before its last POST /run
+    " finished_at REAL,"
+    " output_type TEXT,"  # done: 'json', 'str', 'bytes' or 'none'
+    " output BLOB,"  # done: the JSON text, the text, the bytes, or NULL
+    " error TEXT"  # failed: JSON {"type", "status_code", "detail", "message", "request_id"}
+    ") WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS batch (name TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID",  # schema, total
+)
+_JOURNAL_VERSION = "1"
+_JOURNALED_ERRORS = {
+    cls.__name__: cls
+    for cls in (
+        APIStatusError,
+        AuthenticationError,
+        NotFoundError,
+        RateLimitError,
+        ServerError,
+        RunFailed,
+        StorageError,
+    )
+}
+
+
+class _Step(NamedTuple):
+    """What _Journal.step says of an item: _REPLAY its outcome, _WAIT for its run, _SEND it under
+    its recorded id, or _NEW (a new id)."""
+
+    step: str
+    request_id: Optional[str] = None
+    outcome: Any = None  # _REPLAY: the output, or the exception to raise
+    record: Optional[Dict[str, Any]] = None  # _WAIT: the record, if it has finished
+
+
+class _Journal:
+    """A map's journal: an SQLite file, locked by its map (a sidecar file, PATH-lock)."""
+
+    def __init__(self, path: str, connection: Any, lock: IO[bytes], plan: _RunPlan, retry_failed: bool) -> None:
+        self.path, self._db, self._lock_file, self._plan = path, connection, lock, plan
+        self._key_of: Optional[Callable[[Any], str]] = None
+        self._retry_failed = retry_failed
+        self._seen: Counter[bytes] = collections.Counter()  # digests of keys so far: occurrence numbers
+        self._states: Dict[str, str] = dict(connection.execute("SELECT key, state FROM items"))  # read once
+        self._lock = threading.Lock()
+        self._closed = False
+        self._no_ids = False  # the API offers no request ids: every item fails, none is sent
+        self.tagged = False  # run() returns (request_id, output): the command line's
+
+    @classmethod
+    def open(
+        cls,
+        path: Union[str, os.PathLike[str]],
+        plan: _RunPlan,
+        key: Optional[Callable[[Any], str]],
+        retry_failed: bool,
+        total: Optional[int],
+    ) -> _Journal:
+        """The journal at ``path``, created if missing and locked for this map: CodewordsError at
+        once if another map (of this process or another) holds it."""
+        if plan.fallback == "rerun":
+            raise ConfigurationError("a journal needs each run under one request id, and fallback='rerun' adds one")
+        if key is not None and not callable(key):
+            raise ConfigurationError(f"key must be a function of an item that returns a str, not {key!r}")
+        try:
+            import sqlite3
+        except ImportError:
+            raise ConfigurationError(
+                "journal= needs the sqlite3 module, and this Python was built without it"
+            ) from None
+        name = os.fspath(path)
+        lock = _lock_journal(name)
+        try:
+            connection = sqlite3.connect(name, timeout=5.0, isolation_level=None, check_same_thread=False)
+            try:
+                if connection.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                    raise ConfigurationError(f"the journal {name} cannot be put in WAL mode")
+                connection.execute("PRAGMA synchronous=NORMAL")
+                for statement in _JOURNAL_SCHEMA:
+                    connection.execute(statement)
+                version = connection.execute("SELECT value FROM batch WHERE name = 'schema'").fetchone()
+                if version is not None and version[0] != _JOURNAL_VERSION:
+                    raise ConfigurationError(f"the journal {name} is of schema {version[0]}, not {_JOURNAL_VERSION}")
+                connection.execute("INSERT OR REPLACE INTO batch VALUES ('schema', ?)", (_JOURNAL_VERSION,))
+                connection.execute("INSERT OR REPLACE INTO batch VALUES ('total', ?)", (total,))
+            except BaseException:
+                connection.close()
+                raise
+        except sqlite3.Error as exc:
+            lock.close()
+            raise ConfigurationError(f"{name} cannot be used as a journal: {exc}") from None
+        except BaseException:
+            lock.close()
+            raise
+        journal = cls(name, connection, lock, plan, retry_failed)
+        journal._key_of = key
+        return journal
+
+    def close(self) -> None:
+        """Close the file and let go of its lock; a run still under way commits nothing more."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+                self._lock_file.close()
+
+    # -- which item is which ------------------------------------------------------------------
+
+    def key_of(self, item: Any) -> str:
+        """The item's key, called in input order: ``key(item)``, else the canonical JSON of the
+        service id, path, method and inputs with the number of equal items before it. Two items
+        of one map never share a key (a ``key()`` that gives one twice is refused)."""
+        import hashlib
+
+        if self._key_of is not None:
+            key = self._key_of(item)
+            if not isinstance(key, str):
+                raise TypeError(f"key() must return a str, not {type(key).__name__}")
+            key = key.replace(self._plan.key.value, "***")  # the API key is never written
+            digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if self._seen[digest]:
+                raise ConfigurationError(f"key() gave {key!r} to two items of the map: each needs its own")
+            self._seen[digest] += 1
+            return key
+        plan = self._plan
+        try:
+            base = _json_text([plan.service_id, plan.url_path, plan.method, item], **_CANONICAL)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise TypeError(f"inputs are not JSON-serialisable: {exc}") from exc
+        base = base.replace(plan.key.value, "***")  # inputs that hold the API key: never written
+        digest = hashlib.blake2b(base.encode("utf-8"), digest_size=16).digest()
+        occurrence = self._seen[digest]
+        self._seen[digest] += 1
+        return base[:-1] + f",{occurrence}]"
+
+    def needs_id(self, key: str) -> bool:
+        """Whether the item will need a new request id: one the journal does not know, or a
+        failure to run again."""
+        state = self._states.get(key)
+        return state is None or (state == "failed" and self._retry_failed)
+
+    def replays(self, key: str) -> bool:
+        """Whether the item's outcome is recorded, to be replayed with no request."""
+        state = self._states.get(key)
+        return state == "done" or (state == "failed" and not self._retry_failed)
+
+    # -- what an item does ---------------------------------------------------------------------
+
+    def step(self, client: Client, plan: _RunPlan, key: str, deadline: float) -> _Step:
+        """What an item does, given what the journal holds of it (see the comment above)."""
+        row = self._row(key) if key in self._states else None  # a key it does not hold costs no query
+        if row is None:
+            return _Step(_NEW)
+        state, request_id, sent_at = row[0], row[1], row[2]
+        if state == "done":
+            return _Step(_REPLAY, request_id, _stored_output(row[4], row[5]))
+        if state == "failed":
+            return _Step(_NEW) if self._retry_failed else _Step(_REPLAY, request_id, _stored_error(row[6]))
+        record = self._record(client, plan, request_id, deadline)
+        if not _started(record):
+            settle = min(sent_at + JOURNAL_SETTLE - time.time(), JOURNAL_SETTLE)  # a clock set back: at most that
+            if settle > 0:
+                if time.monotonic() + settle >= deadline:
+                    raise _run_timeout(plan.service_id, request_id, "its deadline, while a resume let it settle")
+                logger.info("run %s was journaled and has not started; looking again in %.1f s", request_id, settle)
+                _sleep(settle)
+                record = self._record(client, plan, request_id, deadline)
+        if _started(record):
+            return _Step(_WAIT, request_id, record=record if _finished(record) else None)
+        return _Step(_SEND, request_id)
+
+    def run(self, client: Client, plan: _RunPlan, key: str, deadline: float) -> Any:
+        """An item of the map, as step() says: its output (or its failure raised)."""
+        step = self.step(client, plan, key, deadline)
+        if step.step == _REPLAY:
+            if isinstance(step.outcome, BaseException):
+                raise step.outcome
+            return self._tag(step.request_id, step.outcome)
+        request_id = step.request_id
+        if step.step == _WAIT:
+            return self._wait(client, plan, key, deadline, step)
+        # An id of the reserve, or one recorded long ago, may have expired: refused, _send_run
+        # replaces it, and the new one is committed before it is sent.
+        reserved = step.step == _SEND
+        if request_id is None:
+            request_id, reserved = (
+                (plan.ids or client._ids).take(client, plan.key, deadline) if not self._no_ids else (None, False)
+            )
+            if request_id is None:
+                self._no_ids = True
+                raise CodewordsError(f"not sent: the API offers no request ids, and the journal {self.path} needs them")
+        ids = [request_id]
+        ahead = self._writing_ahead(plan, key, ids)
+        return self._outcome(key, ids, lambda: _run(client, ahead, deadline, ids[0], reserved))
+
+    def _wait(self, client: Client, plan: _RunPlan, key: str, deadline: float, step: _Step) -> Any:
+        """A run the journal holds as sent, and its record as started: waited for by its id."""
+        request_id, record = step.request_id, step.record
+        assert request_id is not None
+        if plan.admit is not None:
+            plan.admit(_Sent(request_id))  # named if the map is stopped: it goes on
+        if record is None:
+            return self._outcome(
+                key, request_id, lambda: _output(_wait_for_record(client, plan.key, request_id, deadline), request_id)
+            )
+        return self._outcome(key, request_id, lambda: _output(record, request_id))
+
+    def _writing_ahead(self, plan: _RunPlan, key: str, ids: List[str]) -> _RunPlan:
+        """The plan, its admit (called before each attempt of its POST /run) committing the id first."""
+        admit = plan.admit
+
+        def commit_then_send(sent: _Sent) -> None:
+            if admit is not None:
+                admit(sent)  # the map has not stopped
+            if sent.current is None:  # a refused id, and no new one to be had
+                raise CodewordsError(f"not sent: the API offers no request ids, and the journal {self.path} needs them")
+            ids[0] = sent.current
+            self._commit_sent(key, sent.current)
+
+        return plan._replace(admit=commit_then_send)
+
+    def _outcome(self, key: str, request_id: Union[str, List[str]], get: Callable[[], Any]) -> Any:
+        """The run's output, committed, or its final failure, committed and raised."""
+        try:
+            output = get()
+        except (RunTimeout, GatewayTimeout, APIConnectionError):
+            raise  # the run may go on: a resume waits for it
+        except APIStatusError as exc:
+            self._commit_outcome(key, _current(request_id), "failed", None, None, _error_text(exc, self._plan.key))
+            raise
+        stored_type, stored = _storable(output, self._plan.key.value)
+        self._commit_outcome(key, _current(request_id), "done", stored_type, stored, None)
+        return self._tag(_current(request_id), output)
+
+    def _tag(self, request_id: Optional[str], output: Any) -> Any:
+        return (request_id, output) if self.tagged else output
+
+    def _record(self, client: Client, plan: _RunPlan, request_id: str, deadline: float) -> Dict[str, Any]:
+        try:
+            return _record(client, plan.key, request_id, deadline, None)
+        except NotFoundError:
+            raise CodewordsError(
+                f"the journal {self.path} holds run {request_id}, which the API no longer knows: whether it ran"
+                f' cannot be told. To run it again: sqlite3 {self.path} "DELETE FROM items WHERE request_id ='
+                f" '{request_id}'\"",
+                request_id=request_id,
+            ) from None
+
+    # -- the file ------------------------------------------------------------------------------
+
+    def _row(self, key: str) -> Optional[Tuple[Any, ...]]:
+        with self._lock:
+            self._check_open()
+            return self._db.execute(  # type: ignore[no-any-return]
+                "SELECT state, request_id, sent_at, finished_at, output_type, output, error FROM items WHERE key = ?",
+                (key,),
+            ).fetchone()
+
+    def _commit_sent(self, key: str, request_id: str) -> None:
+        """Write down, before a POST /run leaves, that it is being sent under this id."""
+        self._write(
+            "INSERT OR REPLACE INTO items (key, state, request_id, sent_at) VALUES (?, 'sent', ?, ?)",
+            (key, request_id, time.time()),
+        )
+        self._states[key] = "sent"
+
+    def _commit_outcome(
+        self, key: str, request_id: str, state: str, output_type: Optional[str], output: Any, error: Optional[str]
+    ) -> None:
+        """Write down an item's outcome: its output, or its final failure."""
+        self._write(
+            "UPDATE items SET state = ?, finished_at = ?, output_type = ?, output = ?, error = ?"
+            " WHERE key = ? AND request_id = ?",
+            (state, time.time(), output_type, output, error, key, request_id),
+            sent=False,
+        )
+        self._states[key] = state
+
+    def _write(self, statement: str, values: Tuple[Any, ...], sent: bool = True) -> None:
+        import sqlite3
+
+        with self._lock:
+            if self._closed:
+                if sent:  # a run must not leave unwritten
+                    raise CodewordsError("not sent: the map has stopped")
+                return  # the map is over: a resume waits for the run by its id
+            try:
+                self._db.execute(statement, values)
+            except sqlite3.Error as exc:
+                raise CodewordsError(f"the journal {self.path} could not be written: {exc}") from None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CodewordsError("not sent: the map has stopped")
+
+
+_CANONICAL: Dict[str, Any] = {"sort_keys": True, "separators": (",", ":"), "allow_nan": False}
+
+
+def _current(request_id: Union[str, List[str]]) -> str:
+    return request_id if isinstance(request_id, str) else request_id[0]
+
+
+def _storable(output: Any, secret: str) -> Tuple[str, Any]:
+    """An output as the journal keeps it, its type and its value, with the key masked."""
+    if output is None:
+        return "none", None
+    if isinstance(output, (bytes, bytearray, memoryview)):
+        return "bytes", bytes(output).replace(secret.encode("utf-8", "replace"), b"***")
+    if isinstance(output, str):
+        return "str", output.replace(secret, "***")
+    text = _json_text(output, separators=(",", ":"))
+    if secret in text or '"' in secret or "\\" in secret:  # a key JSON would escape is looked for unescaped
+        text = _json_text(_masked(output, secret), separators=(",", ":"))
+    return "json", text
+
+
+def _stored_output(output_type: str, output: Any) -> Any:
+    """An output as run() returned it, from what the journal keeps."""
+    if output_type == "none":
+        return None
+    if output_type == "bytes":
+        return bytes(output)
+    if output_type == "str":
+        return output if isinstance(output, str) else bytes(output).decode("utf-8", "surrogatepass")
+    return _json_value(output)
+
+
+def _error_text(error: APIStatusError, key: _Key) -> str:
+    """A final failure as the journal keeps it: its class, status, detail, message and request id."""
+    fields = {
+        "type": type(error).__name__,
+        "status_code": error.status_code,
+        "detail": error.detail,
+        "message": str(error),
+        "request_id": error.request_id,
+    }
+    return json.dumps(_masked(fields, key.value), ensure_ascii=False, default=str)
+
+
+def _stored_error(text: str) -> APIStatusError:
+    """A failure recorded by the journal, as the exception of its class."""
+    fields = json.loads(text)
+    cls = _JOURNALED_ERRORS.get(fields.get("type"), APIStatusError)
+    return cls(
+        fields.get("message") or "",
+        status_code=int(fields.get("status_code") or 0),
+        detail=fields.get("detail"),
+        request_id=fields.get("request_id"),
+    )
+
+
+def _lock_journal(path: str) -> IO[bytes]:
+    """The lock of a journal: an exclusive lock on PATH-lock, which dies with its process (a kill
+    -9 leaves none behind). POSIX: flock. Windows, which has no fcntl: msvcrt.locking of its first
+    byte, which Windows also lets go of when the process ends. A second open of the file in this
+    process is a second lock, refused too."""
+    import sys
+
+    lock = open(path + "-lock", "a+b")
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise CodewordsError(
+            f"the journal {path} is in use by another map (its lock {path}-lock is held): one map at a time per journal"
+        ) from None
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _journal_summary(path: str) -> Dict[str, Any]:
+    """What a journal holds: items finished, failed, in flight (sent, no outcome yet) and never
+    sent (of the last map's items, when its inputs had a length). Read only, with no request."""
+    import sqlite3
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no journal at {path}")
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True, timeout=5.0)
+        try:
+            counts = dict(connection.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
+            total = connection.execute("SELECT value FROM batch WHERE name = 'total'").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"{path} cannot be read as a journal: {exc}") from None
+    finished, failed, in_flight = counts.get("done", 0), counts.get("failed", 0), counts.get("sent", 0)
+    known = total is not None and total[0] is not None
+    never_sent = max(0, int(total[0]) - finished - failed - in_flight) if known else None
+    return {"finished": finished, "failed": failed, "in_flight": in_flight, "never_sent": never_sent}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3267,7 +3771,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler.addFilter(_unechoed_record)
         logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     status = _Status(sys.stderr, enabled=sys.stderr.isatty() and not args.debug)
-    if not os.environ.get(API_KEY_ENV):
+    if not os.environ.get(API_KEY_ENV) and not getattr(args, "offline", False):
         print(f"codewords-lite: no API key: export {API_KEY_ENV}=... (from the environment only)", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -3403,6 +3907,19 @@ def _cli_parser(argparse: Any) -> Any:
     upload.add_argument("file", metavar="FILE", help="a path, or - for standard input (named stdin)")
     upload.add_argument("--filename", help="the name to store it under (default: the file's)")
     upload.add_argument("--content-type", help="default: guessed from the name")
+    batch = command("map", _cli_map, "run a workflow once per line of JSON Lines, printing a line per item in order")
+    batch.add_argument("service_id", metavar="SERVICE_ID")
+    batch.add_argument(
+        "file", metavar="FILE", nargs="?", default="-", help="JSON Lines, one run's inputs a line; - for stdin"
+    )
+    batch.add_argument("--journal", metavar="FILE", help="a journal: the same command again resumes the batch")
+    batch.add_argument("--workers", type=int, default=8, help="runs at once (default 8)")
+    batch.add_argument("--timeout", type=float, help="seconds to wait for each item (default 600)")
+    batch.add_argument("--retry-failed", action="store_true", help="run again the items the journal holds as failed")
+    batch.add_argument("--path", default="", help="a path after the service id")
+    summary = command("journal", _cli_journal, "print what a journal holds: finished, failed, in flight, never sent")
+    summary.add_argument("journal", metavar="FILE")
+    summary.set_defaults(offline=True)
     return parser
 
 
@@ -3522,6 +4039,94 @@ def _cli_upload(client: Client, args: Any, status: _Status) -> Any:
         raise _UsageError(str(exc)) from None
     print(url)
     return _NO_OUTPUT
+
+
+def _cli_map(client: Client, args: Any, status: _Status) -> Any:
+    """``map``: every line checked before anything is sent, then a line out per item, in order:
+    {"index", "request_id", "output"}, bytes as "output_base64", or "error": {"type", "message",
+    "status_code"}. Exit 1 if any failed, 3 if any passed its deadline (the same command picks it up)."""
+    import base64
+    import sys
+
+    items = _cli_lines(args.file)
+    plan = client._plan(args.service_id, args.path, "POST", None, _CLIENT_DEFAULT, None)
+    plan.key.refuse("map sends a request an item")
+    workers = _check_count("--workers", args.workers, 1)
+    seconds = client.timeout if args.timeout is None else _check_seconds("--timeout", args.timeout)
+    with contextlib.ExitStack() as stack:
+        path = args.journal or os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "batch.db")
+        book = _Journal.open(path, plan, None, args.retry_failed, len(items))
+        book.tagged = True  # items come as (request_id, output)
+        mapper = _Mapper(client, plan, seconds, workers, True, book)
+        counts, started = {"done": 0, "failed": 0, "late": 0}, time.monotonic()
+        stack.enter_context(status.showing(lambda: _batch_line(counts, len(items), started)))
+        try:
+            for index, result in enumerate(mapper.outputs(items, True, None, len(items))):
+                line: Dict[str, Any] = {"index": index, "request_id": getattr(result, "request_id", None)}
+                if isinstance(result, BaseException):
+                    counts["failed"] += 1
+                    counts["late"] += isinstance(result, RunTimeout)
+                    status_code = getattr(result, "status_code", None)
+                    line["error"] = {"type": type(result).__name__, "message": str(result), "status_code": status_code}
+                else:
+                    line["request_id"], output = result
+                    if isinstance(output, bytes):
+                        line["output_base64"] = base64.b64encode(_unechoed(output)).decode("ascii")
+                    else:
+                        line["output"] = output
+                counts["done"] += 1
+                sys.stdout.write(_json_text(_unechoed(line)) + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            if args.journal:
+                print("the same command resumes the batch, with no run paid twice", file=sys.stderr)
+            raise
+    if counts["late"]:
+        again = (
+            "the same command picks them up" if args.journal else "with --journal, the same command would pick them up"
+        )
+        raise RunTimeout(f"{counts['late']} of {len(items)} items passed their deadline and may go on: {again}")
+    if counts["failed"]:
+        raise CodewordsError(f"{counts['failed']} of {len(items)} items failed")
+    return _NO_OUTPUT
+
+
+def _cli_lines(name: str) -> List[Any]:
+    """A batch's inputs, JSON Lines, read whole and checked before anything is sent; blank lines
+    are skipped (an item's index counts items, not lines)."""
+    import sys
+
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(name, "rb") as file:
+                data = file.read()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
+    items = []
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+            if text.strip():
+                items.append(json.loads(text))
+        except UnicodeDecodeError:
+            raise _UsageError(f"{name}, line {number}: not UTF-8 text; nothing was sent") from None
+        except (ValueError, RecursionError) as exc:
+            raise _UsageError(f"{name}, line {number}: not valid JSON ({exc}); nothing was sent") from None
+    return items
+
+
+def _batch_line(counts: Dict[str, int], total: int, started: float) -> str:
+    """The status of a map: items done of all, failed, rate and time left."""
+    done, elapsed = counts["done"], max(time.monotonic() - started, 1e-3)
+    rate = done / elapsed
+    left = f"{(total - done) / rate:.0f} s left" if rate else "time left unknown"
+    return f"{done}/{total} done  {counts['failed']} failed  {rate:.1f}/s  {left}"
+
+
+def _cli_journal(client: Client, args: Any, status: _Status) -> Any:
+    return _journal_summary(args.journal)
 
 
 def _cli_inputs(args: Any) -> Any:

@@ -2,7 +2,7 @@
 
     pip install '.[bench]' && python bench/run.py            # a few minutes
     python bench/run.py --quick                               # a smoke run: fewer rounds, smaller files
-    python bench/run.py --only 1 5 7                          # some sections only
+    python bench/run.py --only 1 5 8                          # some sections only
 
 Everything talks to the emulator (tests/fake_runtime.py), which runs in a process of its own on
 127.0.0.1 so that it does not share a GIL with the client measured. Contenders take turns
@@ -612,6 +612,54 @@ def map_over_a_link(url: str, key: str, rounds: int, items: int, seconds: float,
     row("20 ms link", "map(): default / fallback=None", f"{ratio:.3f} x", f"<= 1.05: {verdict(ratio <= 1.05)}")
 
 
+# -- 8. durable batches: a journaled map --------------------------------------------------------
+
+
+def journals(emulator: Emulator, rounds: int, items: int, replayed: int) -> None:
+    print(f"\n8. durable batches: a map of {items} quick runs with and without a journal ({rounds} rounds each)")
+    key, url = emulator.api_key, emulator.url
+    client, workdir, made = cw.Client(key, base_url=url), tempfile.mkdtemp(prefix="cw-bench-"), [0]
+    batch = [dict(INPUTS, i=i) for i in range(items)]
+
+    def fresh_journal() -> str:
+        made[0] += 1
+        return os.path.join(workdir, f"batch-{made[0]}.db")
+
+    try:
+        times = take_turns(
+            {
+                "map(), no journal": lambda: _check(client.map("echo", batch), batch),
+                "map(journal=...), a new journal": lambda: _check(
+                    client.map("echo", batch, journal=fresh_journal()), batch
+                ),
+            },
+            rounds,
+        )
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        for name, median in medians.items():
+            row("journal", name, f"{items / median:6.0f} runs/s")
+        ratio = medians["map(journal=...), a new journal"] / medians["map(), no journal"]
+        row("journal", "journaled / not, time", f"{ratio:.3f} x", f"<= 1.10: {verdict(ratio <= 1.10)}")
+
+        big = [dict(INPUTS, i=i) for i in range(replayed)]
+        path = fresh_journal()
+        _check(client.map("echo", big, max_workers=16, journal=path), big)
+        before = emulator.calls("POST", "/") + emulator.calls("GET", "/")
+        replays = take_turns({"replay": lambda: _check(client.map("echo", big, journal=path), big)}, rounds)
+        requests_made = emulator.calls("POST", "/") + emulator.calls("GET", "/") - before
+        seconds = statistics.median(replays["replay"])
+        row(
+            "journal",
+            f"replay of a finished {replayed}-item journal",
+            f"{seconds:.3f} s, {requests_made} requests",
+            f"< 1 s, 0 requests: {verdict(seconds < 1 and requests_made == 0)}",
+        )
+        row("journal", "bytes per item (these inputs and outputs)", f"{os.path.getsize(path) / replayed:.0f} B")
+    finally:
+        client.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -638,11 +686,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer rounds, a smaller file")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=range(1, 8), metavar="N", help="run only these sections (1 to 7)"
+        "--only", type=int, nargs="+", choices=range(1, 9), metavar="N", help="run only these sections (1 to 8)"
     )
     args = parser.parse_args()
     quick = args.quick
-    wanted = set(args.only or range(1, 8))
+    wanted = set(args.only or range(1, 9))
     started = time.monotonic()
     print(machine())
     if not codewords_client:
@@ -663,6 +711,8 @@ def main() -> int:
             threads(emulator, rounds=1 if quick else 5, calls=20 if quick else 60)
         if 7 in wanted:
             over_a_link(emulator, rounds=5 if quick else 30, rtt=0.020, seconds=0.2)
+        if 8 in wanted:
+            journals(emulator, rounds=3 if quick else 9, items=1000, replayed=2000 if quick else 10_000)
     if 6 in wanted:
         imports_and_sizes(rounds=5 if quick else 20)
     print("\n| figure | contender | measured | goal |\n|---|---|---|---|")

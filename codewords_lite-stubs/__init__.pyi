@@ -58,6 +58,7 @@ POOL_SIZE: int
 UPLOAD_BLOCK: int
 UPLOAD_READ_TIMEOUT: float
 PROGRESS_INTERVAL: float
+JOURNAL_SETTLE: float
 LogEntry = dict[str, Any]
 _C = TypeVar("_C", bound="Client")
 
@@ -246,6 +247,9 @@ class Client:
         path: str = "",
         fallback: Literal["resume", "rerun"] | None = ...,
         headers: Mapping[str, str] | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], str] | None = None,
+        retry_failed: bool = False,
     ) -> Iterator[Any]:
         """Run a workflow once per item of ``inputs``, ``max_workers`` at a time, yielding outputs.
 
@@ -257,6 +261,14 @@ class Client:
         total)`` is called as runs finish (total is None when ``inputs`` has no length). After
         Ctrl-C no new run is sent, and the KeyboardInterrupt names the runs that go on. Closing
         the iterator (or dropping it) stops the map too: ``contextlib.closing(client.map(...))``.
+
+        ``journal``, a file (SQLite, created if missing), makes the batch durable: each item's
+        request id is written down before its run is sent and its outcome when it comes, so that
+        the same map run again after a crash or a kill -9 replays what finished, waits for what
+        was sent, and sends only what never ran. An item is known by ``key(item)``, else by its
+        inputs and how many equal items came before it. A failure recorded there is raised (or
+        returned) again, unless ``retry_failed``. One map at a time per journal: another raises
+        CodewordsError at once.
         """
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""

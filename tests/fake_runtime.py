@@ -211,6 +211,10 @@ class FakeRuntime:
         self.most_running = 0
         self._chaos: Optional[Tuple[float, random.Random, str]] = None
         self.executions: collections.Counter = collections.Counter()  # service id -> runs started
+        self.executions_of: collections.Counter = collections.Counter()  # (service id, inputs as JSON) -> runs
+        # Called (event, request id) as a provision is answered, a run arrives, or a blocking run's
+        # answer is about to be sent: a test may wait for an instant there, or hold it.
+        self.on_event: Optional[Callable[[str, str], None]] = None
         self.calls: List[Dict[str, Any]] = []  # every request received: method, path, query, headers, body
         self.faults: List[Fault] = []
         self.faults_applied: collections.Counter = collections.Counter()  # kind -> how many
@@ -299,6 +303,7 @@ class FakeRuntime:
         """Run a workflow to its end, recording its answer and logs under the request id."""
         with self.lock:
             self.executions[service_id] += 1
+            self.executions_of[(service_id, json.dumps(request.inputs, sort_keys=True))] += 1
             self.records[request_id]["startedAt"] = now_iso()
             self.most_running = max(self.most_running, self.running)  # counted in by the handler
             self.lock.notify_all()  # for tests that wait for a run to start
@@ -339,6 +344,11 @@ class FakeRuntime:
             self.records[request_id].update(_record_fields(status, headers, body), completedAt=now_iso())
             self.running -= 1
             self.lock.notify_all()
+
+    def event(self, name: str, request_id: str) -> None:
+        hook = self.on_event
+        if hook is not None:
+            hook(name, request_id)
 
     def issue_one_time_key(self) -> str:
         """A fresh one-time key: the first request that carries it spends it, as the runtime does."""
@@ -457,10 +467,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def read_body(self) -> bytes:
+    def read_body(self) -> Optional[bytes]:
+        """The request's body; None if its client went away before all of it came (a process
+        killed as it sent), which a server does not act on."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             return b""
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        return body if len(body) == length else None
 
     def trickle(self, fault: Fault) -> None:
         """Answer a byte at a time, ``fault.trickle`` seconds apart: the headers too, if asked."""
@@ -529,6 +543,9 @@ class _ApiHandler(_Handler):
         path, query = parts.path, parse_qs(parts.query)
         body = self.read_body()
         runtime = self.runtime
+        if body is None:
+            self.close_connection = True
+            return
         with runtime.lock:
             runtime.calls.append(
                 {
@@ -549,7 +566,9 @@ class _ApiHandler(_Handler):
         segments = path.strip("/").split("/")
         route = (method, segments[0])
         if route == ("POST", "provision-request"):
-            return self.send(200, {"request_id": runtime.new_record()})
+            request_id = runtime.new_record()
+            runtime.event("provision", request_id)
+            return self.send(200, {"request_id": request_id})
         if segments[0] in ("run", "run_async") and len(segments) >= 2:
             rest = path[len(f"/{segments[0]}/{segments[1]}") :] or "/"
             forwarded = Forwarded(method, rest, parts.query, dict(self.headers), body)
@@ -595,6 +614,7 @@ class _ApiHandler(_Handler):
                 headers={"Retry-After": runtime.rate_limit_retry_after},
             )
         request_id = runtime.new_record(service_id, provisioned)
+        runtime.event("run", request_id)
         with runtime.lock:  # an id sent again (a redirect followed) starts afresh
             runtime.answers.pop(request_id, None)
             for field in ("responseStatus", "responseJson", "responseContent", "completedAt"):
@@ -613,6 +633,7 @@ class _ApiHandler(_Handler):
         if not finished or answer is None:
             return self.send(504, b"upstream request timeout", content_type="text/plain")
         status, headers, body = answer
+        runtime.event("answer", request_id)
         self.pass_through(status, headers, body, f"{runtime.workflows.get(service_id)}", f"/{kind}/{service_id}")
 
     def pass_through(self, status: int, headers: Dict[str, str], body: bytes, origin: str, mounted: str) -> None:

@@ -1,0 +1,391 @@
+"""Durable batches (issue 21): map(journal=...) survives a kill -9 with no run paid twice, replays
+what finished with no request, and keeps failures; against the emulator, with real processes."""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import codewords_lite as cw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITEMS = [{"seconds": 0.2, "i": i} for i in range(12)]  # the kill suite's batch: 12 runs of 0.2 s, 4 at a time
+OUTPUTS = [{"slept": 0.2, "i": i} for i in range(12)]
+
+
+@pytest.fixture
+def journal(tmp_path):
+    return str(tmp_path / "runs.db")
+
+
+@pytest.fixture
+def settle(monkeypatch):
+    """A resume believes "never started" 0.3 s after the commit, not 10 s: the tests stay quick."""
+    monkeypatch.setattr(cw, "JOURNAL_SETTLE", 0.3)
+
+
+def ran_once_each(runtime, service, items):
+    """Every item ran exactly once, counted by the emulator per inputs."""
+    counts = [runtime.executions_of[(service, json.dumps(item, sort_keys=True))] for item in items]
+    return counts == [1] * len(items)
+
+
+def rows(path):
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT state, request_id FROM items").fetchall()
+
+
+# -- replay, keys, outputs, failures ---------------------------------------------------------------
+
+
+def test_a_finished_journal_replays_with_no_request(runtime, client, journal):
+    items = [{"i": i} for i in range(20)]
+    assert list(client.map("echo", items, journal=journal)) == items
+    sent = len(runtime.calls)
+    progress = []
+    replayed = list(client.map("echo", items, journal=journal, on_progress=lambda d, t: progress.append((d, t))))
+    assert replayed == items
+    assert len(runtime.calls) == sent  # no provision, no run, no poll
+    assert progress[-1] == (20, 20)  # replayed items count
+    assert runtime.executions["echo"] == 20
+
+
+def test_equal_rows_are_two_runs_and_reordering_changes_nothing(runtime, client, journal):
+    items = [{"a": 1}, {"b": 2}, {"a": 1}, {"c": 3}]
+    assert list(client.map("echo", items, journal=journal)) == items
+    assert runtime.executions_of[("echo", '{"a": 1}')] == 2
+    sent = len(runtime.calls)
+    reordered = [{"c": 3}, {"a": 1}, {"a": 1}, {"b": 2}]
+    assert list(client.map("echo", reordered, journal=journal)) == reordered
+    pairs = sorted(client.map("echo", reordered, journal=journal, ordered=False), key=lambda p: p[0])
+    assert pairs == list(enumerate(reordered))
+    assert len(runtime.calls) == sent
+    assert runtime.executions["echo"] == 4
+
+
+def test_outputs_are_replayed_with_their_types(runtime, client, journal):
+    items = [{"hex": "00ff89504e47"}, {"hex": ""}]
+    first = list(client.map("echo-bytes", items, journal=journal))
+    assert first == [b"\x00\xff\x89PNG", None]
+    texts = list(client.map("text", [{"text": "héllo"}, {"text": "[1, 2]"}], journal=journal))
+    assert texts == ["héllo", "[1, 2]"]
+    values = [{"n": 2**80}, ["a", None, 1.5], "just a string", 7]
+    assert list(client.map("echo", values, journal=journal)) == values
+    sent = len(runtime.calls)
+    assert list(client.map("echo-bytes", items, journal=journal)) == first
+    again = list(client.map("text", [{"text": "héllo"}, {"text": "[1, 2]"}], journal=journal))
+    assert again == texts and all(isinstance(t, str) for t in again)
+    assert list(client.map("echo", values, journal=journal)) == values
+    assert len(runtime.calls) == sent
+
+
+def test_failures_are_kept_unless_retry_failed(runtime, client, journal):
+    items = [{"ok": 1}, {"fail": "bad row"}, {"ok": 2}]
+    first = list(client.map("check", items, journal=journal, return_exceptions=True))
+    assert isinstance(first[1], cw.RunFailed) and first[1].status_code == 422
+    sent = len(runtime.calls)
+    again = list(client.map("check", items, journal=journal, return_exceptions=True))
+    assert again[0] == {"ok": 1} and again[2] == {"ok": 2}
+    failure = again[1]
+    assert type(failure) is cw.RunFailed
+    assert (failure.status_code, failure.detail, failure.request_id) == (422, "bad row", first[1].request_id)
+    assert str(failure) == str(first[1])
+    with pytest.raises(cw.RunFailed, match="bad row"):
+        list(client.map("check", items, journal=journal))
+    assert len(runtime.calls) == sent  # replayed, raised and returned, with no request
+    retried = list(client.map("check", items, journal=journal, return_exceptions=True, retry_failed=True))
+    assert isinstance(retried[1], cw.RunFailed) and retried[1].request_id != first[1].request_id
+    assert runtime.executions_of[("check", '{"fail": "bad row"}')] == 2  # run again, under a new id
+    assert runtime.executions["check"] == 4
+
+
+def test_a_user_key_names_items_and_may_not_repeat(runtime, client, journal):
+    items = [{"id": "a", "v": 1}, {"id": "b", "v": 2}]
+    assert list(client.map("echo", items, journal=journal, key=lambda item: item["id"])) == items
+    changed = [{"id": "b", "v": 2}, {"id": "a", "v": 1}]
+    assert list(client.map("echo", changed, journal=journal, key=lambda item: item["id"])) == changed
+    assert runtime.executions["echo"] == 2
+    twice = [{"id": "c"}, {"id": "c"}]
+    outputs = list(client.map("echo", twice, journal=journal, key=lambda item: item["id"], return_exceptions=True))
+    assert outputs[0] == {"id": "c"} and isinstance(outputs[1], cw.ConfigurationError)
+    assert runtime.executions["echo"] == 3
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+def test_a_journal_in_use_is_refused_at_once_in_this_process(runtime, client, journal):
+    outputs = client.map("echo", [{"i": 1}], journal=journal)
+    with pytest.raises(cw.CodewordsError, match=re.escape(journal + " is in use")):
+        client.map("echo", [{"i": 1}], journal=journal)
+    with cw.Client(runtime.api_key, base_url=runtime.url) as other, pytest.raises(cw.CodewordsError, match="in use"):
+        other.map("echo", [{"i": 1}], journal=journal)
+    assert list(outputs) == [{"i": 1}]
+    assert list(client.map("echo", [{"i": 1}], journal=journal)) == [{"i": 1}]  # let go at its end
+    never_started = client.map("echo", [{"i": 1}], journal=journal)
+    del never_started  # dropped before its first item: let go at once
+    assert list(client.map("echo", [{"i": 1}], journal=journal)) == [{"i": 1}]
+
+
+def test_a_journal_in_use_by_another_process_is_refused_and_its_lock_dies_with_it(runtime, client, journal):
+    code = textwrap.dedent(f"""
+        import sys, codewords_lite as cw
+        outputs = cw.Client({runtime.api_key!r}, base_url={runtime.url!r}).map("echo", [1], journal={journal!r})
+        print("locked", flush=True)
+        sys.stdin.read()
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(cw.CodewordsError, match=re.escape(journal + " is in use by another map")):
+            client.map("echo", [{"i": 1}], journal=journal)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert list(client.map("echo", [{"i": 1}], journal=journal)) == [{"i": 1}]  # no stale lock
+
+
+def test_a_one_time_key_is_refused_before_anything_is_sent(runtime, journal):
+    with cw.Client(runtime.issue_one_time_key(), base_url=runtime.url) as client:
+        with pytest.raises(cw.ConfigurationError, match="one-time key"):
+            client.map("echo", [{"i": 1}], journal=journal)
+    assert runtime.calls == [] and not os.path.exists(journal)
+
+
+def test_an_api_without_provisioned_ids_is_refused_before_any_run(runtime, client, journal):
+    runtime.fault("POST", "/provision-request", status=404, times=100)
+    with pytest.raises(cw.CodewordsError, match="offers no request ids"):
+        list(client.map("echo", [{"i": i} for i in range(5)], journal=journal))
+    assert runtime.calls_to("POST", "/run/") == []
+
+
+def test_no_sqlite3_is_a_configuration_error(client, journal, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sqlite3", None)
+    with pytest.raises(cw.ConfigurationError, match="sqlite3"):
+        client.map("echo", [1], journal=journal)
+
+
+def test_key_and_retry_failed_need_a_journal(client):
+    with pytest.raises(cw.ConfigurationError, match="journal"):
+        client.map("echo", [1], retry_failed=True)
+
+
+def test_the_api_key_is_never_written_to_the_journal(runtime, client, journal):
+    key = runtime.api_key
+    outputs = list(
+        client.map(
+            "check",
+            [{"echo": key}, {"fail": f"refused {key}"}, {"id": key}],
+            journal=journal,
+            return_exceptions=True,
+        )
+    )
+    assert isinstance(outputs[1], cw.RunFailed)
+    list(client.map("text", [{"text": key}], journal=journal))
+    list(client.map("echo-bytes", [{"hex": key.encode().hex()}], journal=journal))
+    list(client.map("echo", [{"k": key}], journal=journal, key=lambda item: "row " + item["k"]))
+    assert {state for state, _ in rows(journal)} == {"done", "failed"}
+    for name in (journal, journal + "-wal", journal + "-shm", journal + "-lock"):
+        if os.path.exists(name):  # the WAL is gone once the last connection has closed
+            with open(name, "rb") as file:
+                assert key.encode()[len("cwk-") :] not in file.read(), name
+
+
+# -- kill -9 -----------------------------------------------------------------------------------------
+
+CHILD = """
+import sys, threading, codewords_lite as cw
+url, key, journal, hold, nth = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+count, lock, forever = [0], threading.Lock(), threading.Event()
+
+def held(name, original, before):
+    def step(self, *args):
+        if not before:
+            original(self, *args)
+        with lock:
+            count[0] += 1
+            reached = count[0] >= nth
+            if count[0] == nth:
+                print("held", flush=True)
+        if reached:  # this step and every later one stop here, until the kill
+            forever.wait()
+        if before:
+            original(self, *args)
+    setattr(cw._Journal, name, step)
+
+if hold == "sent":  # after the commit of an id, before its POST /run leaves
+    held("_commit_sent", cw._Journal._commit_sent, before=False)
+elif hold == "outcome":  # after a run's answer came, before its commit
+    held("_commit_outcome", cw._Journal._commit_outcome, before=True)
+items = [{"seconds": 0.2, "i": i} for i in range(12)]
+with cw.Client(key, base_url=url) as client:
+    for output in client.map("sleep", items, max_workers=4, journal=journal):
+        pass
+print("finished", flush=True)
+"""
+
+
+def kill_then_resume(runtime, journal, hold="none", nth=0, event=None):
+    """Map the batch in a child process, SIGKILL it at an instant (a line it prints, or an event of
+    the emulator's, which holds the request there until the child is dead), then map it to its end."""
+    reached, release = threading.Event(), threading.Event()
+    seen = []
+
+    def on_event(name, request_id):
+        if name == event:
+            seen.append(request_id)
+            if len(seen) == nth:
+                reached.set()
+                release.wait(30)  # held until the kill: its answer never reaches the child
+
+    runtime.on_event = on_event if event else None
+    args = [sys.executable, "-c", CHILD, runtime.url, runtime.api_key, journal, hold, str(nth)]
+    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        if event:
+            assert reached.wait(30), f"the child never reached {event} {nth}"
+        else:
+            assert child.stdout.readline() == b"held\n"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        child.kill()
+        runtime.on_event = None
+        release.set()
+    with runtime.lock:  # what the journal and the records held at the kill
+        journaled = [(state, r, dict(runtime.records.get(r, {}))) for state, r in rows(journal)]
+    with cw.Client(runtime.api_key, base_url=runtime.url) as client:
+        assert list(client.map("sleep", ITEMS, max_workers=4, journal=journal)) == OUTPUTS
+    assert ran_once_each(runtime, "sleep", ITEMS), runtime.executions_of
+    assert runtime.executions["sleep"] == 12
+    return journaled
+
+
+def runs_sent_under(runtime, request_id):
+    return [c for c in runtime.calls_to("POST", "/run/") if c["headers"].get(cw.PROVISION_HEADER) == request_id]
+
+
+def test_killed_before_a_provision_is_answered(runtime, journal, settle):
+    journaled = kill_then_resume(runtime, journal, event="provision", nth=6)
+    assert len(journaled) < 12
+
+
+def test_killed_between_the_commit_of_an_id_and_its_send(runtime, journal, settle):
+    journaled = kill_then_resume(runtime, journal, hold="sent", nth=3)
+    held = [r for state, r, record in journaled if state == "sent" and "serviceId" not in record]
+    assert held, "no item was journaled as sent and never sent"
+    for request_id in held:  # sent on resume under the id journaled, once
+        assert len(runs_sent_under(runtime, request_id)) == 1
+
+
+def test_killed_with_runs_in_flight(runtime, journal, settle):
+    journaled = kill_then_resume(runtime, journal, event="run", nth=6)
+    in_flight = [r for state, r, record in journaled if state == "sent" and not record.get("completedAt")]
+    assert in_flight
+    for request_id in in_flight:  # waited for by its id, never sent again
+        assert len(runs_sent_under(runtime, request_id)) == 1
+
+
+def test_killed_after_an_answer_and_before_its_commit(runtime, journal, settle):
+    journaled = kill_then_resume(runtime, journal, hold="outcome", nth=3)
+    answered = [r for state, r, record in journaled if state == "sent" and record.get("completedAt")]
+    assert answered, "no item had its answer and no commit"  # its output is read from its record
+    for request_id in answered:
+        assert len(runs_sent_under(runtime, request_id)) == 1
+
+
+def test_killed_as_the_emulator_sends_an_answer(runtime, journal, settle):
+    journaled = kill_then_resume(runtime, journal, event="answer", nth=3)
+    assert [r for state, r, record in journaled if state == "sent" and record.get("completedAt")]
+
+
+def test_killed_twice_then_finished(runtime, journal, settle):
+    """The same journal through two kills: once with runs just sent, once before a commit."""
+    reached = threading.Event()
+
+    def on_event(name, request_id):
+        if name == "run" and len(runtime.calls_to("POST", "/run/")) >= 3:
+            reached.set()
+
+    runtime.on_event = on_event
+    args = [sys.executable, "-c", CHILD, runtime.url, runtime.api_key, journal, "none", "0"]
+    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert reached.wait(30)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        child.kill()
+        runtime.on_event = None
+    kill_then_resume(runtime, journal, hold="outcome", nth=4)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(runtime, monkeypatch, capsys):
+    """``codewords-lite ARGS`` in this process: its exit code, standard output's lines, standard error."""
+    monkeypatch.setenv("CODEWORDS_API_KEY", runtime.api_key)
+    monkeypatch.setenv("CODEWORDS_BASE_URL", runtime.url)
+
+    def call(*args):
+        code = cw.main(list(args))
+        out, err = capsys.readouterr()
+        assert runtime.api_key not in out + err
+        return code, [json.loads(line) for line in out.splitlines()], err
+
+    return call
+
+
+def test_the_command_line_maps_resumes_and_says_how_it_went(cli, runtime, tmp_path, journal):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"ok": 1}\n\n{"fail": "no"}\n{"ok": 2}\n')
+    code, lines, err = cli("map", "check", str(batch), "--journal", journal, "--workers", "2")
+    assert code == 1 and "1 of 3 items failed" in err
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert lines[0]["output"] == {"ok": 1} and lines[2]["output"] == {"ok": 2}
+    assert lines[1]["error"]["type"] == "RunFailed" and lines[1]["error"]["status_code"] == 422
+    assert all(line["request_id"] for line in lines)
+    sent = len(runtime.calls)
+    assert cli("map", "check", str(batch), "--journal", journal) == (code, lines, err)  # replayed
+    assert len(runtime.calls) == sent
+    assert cli("journal", journal)[:2] == (0, [{"finished": 2, "failed": 1, "in_flight": 0, "never_sent": 0}])
+    code, again, _ = cli("map", "check", str(batch), "--journal", journal, "--retry-failed")
+    assert code == 1 and again[1]["request_id"] != lines[1]["request_id"]
+    assert runtime.executions["check"] == 4
+    batch.write_text('{"ok": 1}\n{"ok": 2}\n')
+    assert cli("map", "check", str(batch), "--journal", journal)[0] == 0
+
+
+def test_the_command_line_writes_bytes_as_base64_and_needs_no_journal(cli, tmp_path):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"hex": "00ff"}\n')
+    code, lines, _ = cli("map", "echo-bytes", str(batch))
+    assert code == 0 and lines[0]["output_base64"] == "AP8=" and "output" not in lines[0]
+
+
+def test_a_bad_line_is_named_and_nothing_is_sent(cli, runtime, tmp_path, journal):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"ok": 1}\n{"ok": 2}\n{"ok": \n')
+    code, lines, err = cli("map", "check", str(batch), "--journal", journal)
+    assert (code, lines) == (2, []) and "line 3: not valid JSON" in err
+    assert runtime.calls == []
+
+
+def test_a_deadline_is_exit_3_and_the_same_command_picks_it_up(cli, runtime, tmp_path, journal):
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text('{"seconds": 1.5}\n{"seconds": 0}\n')
+    code, lines, err = cli("map", "sleep", str(batch), "--journal", journal, "--timeout", "0.5")
+    assert code == 3 and lines[0]["error"]["type"] == "RunTimeout" and "the same command picks them up" in err
+    assert cli("journal", journal)[1] == [{"finished": 1, "failed": 0, "in_flight": 1, "never_sent": 0}]
+    code, lines, _ = cli("map", "sleep", str(batch), "--journal", journal)
+    assert code == 0 and lines[0]["output"] == {"slept": 1.5}
+    assert runtime.executions["sleep"] == 2
