@@ -3862,30 +3862,8 @@ def _cli_parser(argparse: Any) -> Any:
         sub.set_defaults(handler=handler)
         return sub
 
-    def inputs_arguments(sub: Any) -> None:
-        sub.add_argument("service_id", metavar="SERVICE_ID")
-        sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="JSON, @file.json, or - for stdin")
-        sub.add_argument(
-            "-i",
-            dest="fields",
-            metavar="KEY=VALUE",
-            action="append",
-            default=[],
-            type=lambda text: ("-i", text),
-            help='an input field: JSON if true, false, null, a plain integer, or starting with { [ "; else a string',
-        )
-        sub.add_argument(
-            "-s",
-            dest="fields",
-            metavar="KEY=VALUE",
-            action="append",
-            type=lambda text: ("-s", text),
-            help="an input field, always a string",
-        )
-        sub.add_argument("--path", default="", help="a path after the service id")
-
     run = command("run", _cli_run, "run a workflow and print its output")
-    inputs_arguments(run)
+    _cli_inputs_arguments(run)
     run.add_argument("--logs", action="store_true", help="print the run's log lines to standard error")
     run.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
     run.add_argument(
@@ -3894,7 +3872,7 @@ def _cli_parser(argparse: Any) -> Any:
         help="what to do when the gateway gives up (default resume; off with a one-time key)",
     )
     start = command("start", _cli_start, "start a workflow in the background and print its request id")
-    inputs_arguments(start)
+    _cli_inputs_arguments(start)
     result = command("result", _cli_result, "wait for a run and print its output")
     result.add_argument("request_id", metavar="REQUEST_ID")
     result.add_argument("--timeout", type=float, help="seconds to wait (default 600)")
@@ -3907,6 +3885,36 @@ def _cli_parser(argparse: Any) -> Any:
     upload.add_argument("file", metavar="FILE", help="a path, or - for standard input (named stdin)")
     upload.add_argument("--filename", help="the name to store it under (default: the file's)")
     upload.add_argument("--content-type", help="default: guessed from the name")
+    _cli_batch_commands(command)
+    return parser
+
+
+def _cli_inputs_arguments(sub: Any) -> None:
+    """SERVICE_ID, INPUTS, -i, -s and --path: the arguments of a command that sends a run."""
+    sub.add_argument("service_id", metavar="SERVICE_ID")
+    sub.add_argument("inputs", metavar="INPUTS", nargs="?", help="JSON, @file.json, or - for stdin")
+    sub.add_argument(
+        "-i",
+        dest="fields",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        type=lambda text: ("-i", text),
+        help='an input field: JSON if true, false, null, a plain integer, or starting with { [ "; else a string',
+    )
+    sub.add_argument(
+        "-s",
+        dest="fields",
+        metavar="KEY=VALUE",
+        action="append",
+        type=lambda text: ("-s", text),
+        help="an input field, always a string",
+    )
+    sub.add_argument("--path", default="", help="a path after the service id")
+
+
+def _cli_batch_commands(command: Callable[..., Any]) -> None:
+    """map and journal: a batch of runs, and what its journal holds."""
     batch = command("map", _cli_map, "run a workflow once per line of JSON Lines, printing a line per item in order")
     batch.add_argument("service_id", metavar="SERVICE_ID")
     batch.add_argument(
@@ -3920,7 +3928,6 @@ def _cli_parser(argparse: Any) -> Any:
     summary = command("journal", _cli_journal, "print what a journal holds: finished, failed, in flight, never sent")
     summary.add_argument("journal", metavar="FILE")
     summary.set_defaults(offline=True)
-    return parser
 
 
 def _cli_run(client: Client, args: Any, status: _Status) -> Any:
