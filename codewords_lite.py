@@ -1424,8 +1424,10 @@ class _RateGate:
     """What a client's threads share after a 429: a pause, and a limit on runs in flight.
 
     When the server says "too many", every thread waits until its Retry-After has passed, and
-    the number of runs in flight is halved; each run let through raises the limit again (AIMD,
-    as TCP does). Without the halving, all threads would fire together after every pause.
+    the number of runs in flight is halved; each run let through raises the limit again, by a
+    quarter of a run per run allowed (AIMD, as TCP does; TCP adds a whole one, but a run holds
+    its slot for far longer than a round trip, so probing for more costs more). Without the
+    halving, all threads would fire together after every pause.
     """
 
     def __init__(self) -> None:
@@ -1460,7 +1462,7 @@ class _RateGate:
             with self._changed:
                 self._in_flight -= 1
                 if succeeded and self._limit is not None:
-                    self._limit += 1 / self._limit
+                    self._limit += 0.25 / self._limit
                 self._changed.notify_all()
 
     def slow_down(self, seconds: float, is_run: bool) -> None:
