@@ -2929,14 +2929,23 @@ class _Journal:
         """The run's output, committed, or its final failure, committed and raised."""
         try:
             output = get()
-        except (RunTimeout, GatewayTimeout, APIConnectionError):
-            raise  # the run may go on: a resume waits for it
-        except APIStatusError as exc:
-            self._commit_outcome(key, _current(request_id), "failed", None, None, _error_text(exc, self._plan.key))
+        except RunFailed as failed:  # the workflow's own answer: final
+            error, plan_key = failed, self._plan.key
+            self._keep(key, _current(request_id), "failed", lambda: (None, None, _error_text(error, plan_key)))
             raise
-        stored_type, stored = _storable(output, self._plan.key.value)
-        self._commit_outcome(key, _current(request_id), "done", stored_type, stored, None)
+        # Anything else (a deadline, the network, a poll refused, an unreadable record) is no answer
+        # of the run's, which may go on: nothing is committed, and a resume asks its record.
+        secret = self._plan.key.value
+        self._keep(key, _current(request_id), "done", lambda: (*_storable(output, secret), None))
         return self._tag(_current(request_id), output)
+
+    def _keep(self, key: str, request_id: str, state: str, stored: Callable[[], Tuple[Any, Any, Any]]) -> None:
+        """Commit an outcome; one that SQLite or JSON cannot hold as it is (a lone surrogate, an
+        integer of over 4,300 digits) is not committed: a resume reads it from the run's record."""
+        try:
+            self._commit_outcome(key, request_id, state, *stored())
+        except (ValueError, UnicodeError) as exc:
+            logger.debug("the outcome of run %s is not journaled (%s); a resume reads its record", request_id, exc)
 
     def _tag(self, request_id: Optional[str], output: Any) -> Any:
         return (request_id, output) if self.tagged else output
@@ -3063,7 +3072,7 @@ def _lock_journal(path: str) -> IO[bytes]:
     process is a second lock, refused too."""
     import sys
 
-    lock = open(path + "-lock", "a+b")
+    lock = open(os.path.realpath(path) + "-lock", "a+b")  # a symlink to the journal shares its lock
     try:
         if sys.platform == "win32":
             import msvcrt
@@ -4103,11 +4112,9 @@ def _cli_map(client: Client, args: Any, status: _Status) -> Any:
 def _cli_lines(name: str) -> List[Any]:
     """A batch's inputs, JSON Lines, read whole and checked before anything is sent; blank lines
     are skipped (an item's index counts items, not lines)."""
-    import sys
-
     try:
         if name == "-":
-            data = sys.stdin.buffer.read()
+            data = _cli_stdin().read()
         else:
             with open(name, "rb") as file:
                 data = file.read()
@@ -4118,7 +4125,7 @@ def _cli_lines(name: str) -> List[Any]:
         try:
             text = line.decode("utf-8")
             if text.strip():
-                items.append(json.loads(text))
+                items.append(_finite_json(text, f"{name}, line {number}"))
         except UnicodeDecodeError:
             raise _UsageError(f"{name}, line {number}: not UTF-8 text; nothing was sent") from None
         except (ValueError, RecursionError) as exc:

@@ -389,3 +389,60 @@ def test_a_deadline_is_exit_3_and_the_same_command_picks_it_up(cli, runtime, tmp
     code, lines, _ = cli("map", "sleep", str(batch), "--journal", journal)
     assert code == 0 and lines[0]["output"] == {"slept": 1.5}
     assert runtime.executions["sleep"] == 2
+
+
+# -- found by a review of the journal --------------------------------------------------------------
+
+
+def test_a_failed_poll_of_a_run_that_goes_on_is_not_its_outcome(runtime, journal):
+    """A 504 is resumed by the run's id, and its polls meet 503s until the retries run out: that
+    was committed as the item's failure, so the output was never replayed and retry_failed paid
+    for the run again."""
+    runtime.gateway_timeout = 0.2
+    item = {"seconds": 0.6, "i": 1}
+    with cw.Client(runtime.api_key, base_url=runtime.url, max_retries=1) as client:
+        for path in ("/result/", "/request/"):
+            runtime.fault("GET", path, status=503, times=50)
+        with pytest.raises(cw.ServerError):
+            list(client.map("sleep", [item], journal=journal))
+        runtime.faults.clear()
+        assert [state for state, *_ in rows(journal)] == ["sent"]
+        assert list(client.map("sleep", [item], journal=journal, retry_failed=True)) == [{"slept": 0.6, "i": 1}]
+    assert runtime.executions["sleep"] == 1
+
+
+def test_a_symlink_to_a_journal_shares_its_lock(runtime, client, journal):
+    link = journal + ".link"
+    os.symlink(journal, link)
+    first = client.map("echo", [{"i": 1}], journal=journal)
+    with pytest.raises(cw.CodewordsError, match="in use by another map"):
+        client.map("echo", [{"i": 1}], journal=link)
+    assert list(first) == [{"i": 1}]
+
+
+@pytest.mark.parametrize(
+    "body", ['"lone \\ud800 surrogate"', '{"n": 1' + "0" * 5000 + "}"], ids=["surrogate", "bigint"]
+)
+def test_an_output_sqlite_or_json_cannot_hold_is_returned_and_read_from_the_record_again(
+    runtime, client, journal, body
+):
+    """Such an output raised a bare error at its commit, every time the batch was resumed."""
+    from fake_runtime import SERVICES
+
+    SERVICES["odd"] = lambda inputs, log: (200, body.encode(), "application/json; charset=utf-8")
+    try:
+        first = list(client.map("odd", [{"i": 1}], journal=journal))
+        assert first == list(client.map("odd", [{"i": 1}], journal=journal))  # again, from the record
+        assert first == [cw._json_value(body)] and runtime.executions["odd"] == 1
+    finally:
+        del SERVICES["odd"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e400"])
+def test_a_line_the_body_cannot_carry_is_named_and_nothing_is_sent(cli, runtime, tmp_path, value):
+    """The other lines were sent, and the bad one became a TypeError that named neither."""
+    batch = tmp_path / "rows.jsonl"
+    batch.write_text(f'{{"ok": 1}}\n{{"n": {value}}}\n')
+    code, lines, err = cli("map", "check", str(batch))
+    assert (code, lines) == (2, []) and f"line 2 holds {value}" in err
+    assert runtime.calls == []
