@@ -2496,10 +2496,7 @@ class _Mapper:
         self._window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
         self._counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
         self._reading = True
-        self._submitted = 0
-        self._fresh = 0  # of a journaled map, the items submitted that will need a new id, not yet begun
-        self._fresh_lock = threading.Lock()
-        self._ids = _Reserve(workers, ahead=self._ids_wanted)
+        self._ids = _Reserve(workers, ahead=self._gate.ids_wanted)
         self._input_error: Optional[Exception] = None  # raised once the runs sent before it are in
         self._done = 0
 
@@ -2555,17 +2552,15 @@ class _Mapper:
                 self._reading = False
                 continue
             item_key: Any = None
-            fresh = inline = False
+            fresh, inline = self._plan.needs_id, False
             if self._journal is not None:  # keys in input order: an item's occurrence among equal ones
                 try:
                     item_key = self._journal.key_of(item[1])
                     fresh, inline = self._journal.needs_id(item_key), self._journal.replays(item_key)
                 except Exception as exc:  # raised as the item's failure
-                    item_key = exc
-                with self._fresh_lock:
-                    self._fresh += fresh
+                    item_key, fresh = exc, False
+            self._gate.submitted(fresh)
             self._window[self._submit(pool, inline, item[0], item[1], item_key, fresh)] = item[0]
-            self._submitted += 1
         if self._plan.needs_id or self._journal is not None:
             self._ids.refill(self._client, self._plan.key)  # the ids of the items now waiting, fetched ahead
 
@@ -2581,12 +2576,6 @@ class _Mapper:
         except Exception as exc:
             future.set_exception(exc)
         return future
-
-    def _ids_wanted(self) -> int:
-        """How many ids to fetch ahead: one per item waiting to begin (of a journaled map, one
-        per item waiting that the journal does not know; a replay fetches none)."""
-        waiting = self._gate.waiting(self._submitted)
-        return waiting if self._journal is None else min(waiting, self._fresh)
 
     def _count(self, finished: Set[Future[Any]]) -> None:
         """Count the runs that finished; the first failure cancels what comes after it."""
@@ -2619,11 +2608,8 @@ class _Mapper:
         """One item: its run planned and sent, unless the map has stopped; with a journal, as the
         journal says (replayed, waited for, or sent under the id it holds or a new one)."""
         gate = self._gate
-        if fresh:
-            with self._fresh_lock:
-                self._fresh -= 1
         plan = self._plan.given(item)._replace(admit=lambda sent: gate.admit(index, sent), ids=self._ids)
-        gate.begin()
+        gate.begin(fresh)
         try:
             deadline = time.monotonic() + self._seconds
             if self._journal is None:
@@ -2636,27 +2622,39 @@ class _Mapper:
 
 
 class _MapGate:
-    """What a map's threads share: whether it has stopped, and which of its runs have been sent."""
+    """What a map's threads share: whether it has stopped, how many of its items wait to begin,
+    and which of its runs have been sent."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
         self._sent: Dict[int, _Sent] = {}  # item index -> what its run sent, while it goes on
-        self._started = 0
+        self._submitted = self._started = 0
+        self._fresh = 0  # items submitted that will need a new id, not yet begun
 
     def check(self) -> None:
         if self._stopped:
             raise CodewordsError("not sent: the map has stopped")
 
-    def begin(self) -> None:
+    def submitted(self, fresh: bool) -> None:
+        """An item was handed to a worker; ``fresh``: it will need a new id."""
+        with self._lock:
+            self._submitted += 1
+            self._fresh += fresh
+
+    def begin(self, fresh: bool) -> None:
         """An item's run begins (counted, for the ids wanted ahead), unless the map has stopped."""
         with self._lock:
             self._started += 1
+            self._fresh -= fresh
             self.check()
 
-    def waiting(self, submitted: int) -> int:
-        """How many of the items submitted wait to begin (none once the map has stopped)."""
-        return 0 if self._stopped else submitted - self._started
+    def ids_wanted(self) -> int:
+        """How many ids to fetch ahead: one per item waiting to begin that will need a new one
+        (none once the map has stopped). Read by the map's reserve, which holds the gate and not
+        the map: no cycle keeps a finished map's client and its sockets alive."""
+        with self._lock:
+            return 0 if self._stopped else min(self._submitted - self._started, self._fresh)
 
     def admit(self, index: int, sent: _Sent) -> None:
         """Let a run of the map be sent, unless the map has stopped."""
