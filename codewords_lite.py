@@ -874,6 +874,9 @@ class _Answer(NamedTuple):
     response: Optional[requests.Response] = None  # a 2xx stream, its body unread
     watch: Optional[_Watch] = None  # the stream's, which close() fires
 
+    def __repr__(self) -> str:  # never the key, nor headers or a body that may echo it
+        return f"<answer {self.status} of {len(self.body)} bytes>"
+
 
 class _Failure(NamedTuple):
     """An exchange that brought no answer: what happened to it, in words without the key."""
@@ -902,6 +905,7 @@ class _Verdict(NamedTuple):
     error: Any = None  # the error to raise, if it comes to that
     target: Optional[str] = None  # where a redirect leads
     retry_after: Optional[float] = None  # the server's wish, before the call is sent again
+    resend: bool = False  # _ASK: sent again if its record shows the run never started
 
 
 def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -> _Verdict:
@@ -909,12 +913,14 @@ def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -
 
     _RESEND sends it again, as its attempts allow. _ASK asks the record of its run whether it had
     started: if it had, its record holds its answer; if not, it is sent again only for a status
-    in its row's resend. _CUT says that a run's answer was lost and its fallback
-    decides. A one-time key allows one request: nothing is followed, asked or sent again.
+    in its row's resend, or a connection lost on the way. _CUT says that a run's answer was lost
+    and its fallback decides. A one-time key allows one request: nothing is followed, asked or
+    sent again.
     """
     call, once = request.call, request.key is not None and request.key.once
     if isinstance(outcome, _Failure):
-        return _Verdict(_judge_failure(request, outcome), _failure_error(request, outcome))
+        step = _judge_failure(request, outcome)
+        return _Verdict(step, _failure_error(request, outcome), resend=step == _ASK)
     if 200 <= outcome.status < 300 or outcome.status in call.not_yet:
         return _Verdict(_DONE)
     target, why = _redirect_target(call, outcome, once or follows >= MAX_REDIRECTS)
@@ -926,7 +932,8 @@ def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -
     if call.starts == _RUN:
         if outcome.status == 504:
             return _Verdict(_CUT, error)
-        return _Verdict(_ASK if request.request_id else _RAISE, error, None, _retry_after(outcome))
+        resend = outcome.status in call.resend
+        return _Verdict(_ASK if request.request_id else _RAISE, error, None, _retry_after(outcome), resend)
     return _Verdict(_RESEND if outcome.status in call.resend else _RAISE, error, None, _retry_after(outcome))
 
 
@@ -937,6 +944,8 @@ def _judge_failure(request: _Request, failure: _Failure) -> str:
         return _RESEND if call.unsent and not once else _RAISE
     if call.starts == _RUN and failure.kind in (_TIMEOUT, _DEADLINE):
         return _CUT  # it was sent, and may go on
+    if call.starts == _RUN and failure.kind == _LOST:
+        return _ASK if request.request_id and not once else _RAISE  # it may have reached the workflow
     if call.starts == _NOTHING and failure.kind in (_LOST, _TIMEOUT) and not once:
         return _RESEND
     return _RAISE
@@ -1042,31 +1051,31 @@ class _Sender:
         return True
 
     def _may_resend_run(self, verdict: _Verdict) -> bool:
-        """After an answer to POST /run that is not the workflow's own: whether to send it again.
-        A record that shows the run started holds its answer (raised as _Unanswered, for the run to
-        wait for). A refusal of the gateway (429, 503) is sent again under the same id only when
-        the record says twice, RECORD_SETTLE apart, that the run never started (a record may lag
-        its run); anything else is raised as it is."""
+        """After an answer to POST /run that is not the workflow's own, or its connection lost on
+        the way: whether to send it again. A record that shows the run started holds its answer
+        (raised as _Unanswered, for the run to wait for). What the verdict lets be sent again (a
+        429 or 503 of the gateway, a lost connection) is sent again under the same id only when the
+        record says twice, RECORD_SETTLE apart, that the run never started (a record may lag its
+        run); anything else is raised as it is."""
         error = verdict.error
         self._raise_if_started(error)
-        if error.status_code not in self.request.call.resend or self.attempts.made >= self.attempts.retries:
+        if not verdict.resend or self.attempts.made >= self.attempts.retries:
             return False
         wait = max(RECORD_SETTLE, self.attempts.pause(verdict.retry_after))
         if not self.attempts.spend(wait, self.request.deadline, sleep=False):
             return False  # no time for a second look
         _sleep(wait, self.request.stop)
         self._raise_if_started(error)
-        logger.info("%s refused before it ran (%s); sent again", self.request.describe(), error)
+        logger.info("%s did not start (%s); sent again", self.request.describe(), error)
         return True
 
-    def _raise_if_started(self, error: APIStatusError) -> None:
+    def _raise_if_started(self, error: CodewordsError) -> None:
         """_Unanswered with the record if it shows the run started; the error as it is if the record cannot be read."""
         request_id = self.request.request_id
         assert request_id is not None  # _judge asks only about a run with an id
         try:
-            question = _Request(
-                _RECORD_OF_REFUSED, _RECORD.at(request_id=request_id), self.request.key, self.request.deadline
-            )
+            path, key, deadline = _RECORD.at(request_id=request_id), self.request.key, self.request.deadline
+            question = _Request(_RECORD_OF_REFUSED, path, key, deadline, stop=self.request.stop)
             record = _record_in(self.client._send(question), request_id)
         except CodewordsError:
             raise error from None
@@ -1076,8 +1085,8 @@ class _Sender:
 
 class _Unanswered(Exception):
     """POST /run left and got no answer of the workflow's: a 504 or a read timeout (no record:
-    the fallback decides), or an error answer whose record shows the run started (the run's
-    answer is its record's). Raised by _Sender, caught by _send_run, never seen by a caller."""
+    the fallback decides), or an error answer or a lost connection whose record shows the run
+    started (the run's answer is its record's). Raised by _Sender, caught by _send_run, never seen by a caller."""
 
     def __init__(self, error: CodewordsError, record: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(str(error))
@@ -1112,26 +1121,35 @@ class _Stopped(Exception):
 
 
 class _Stop:
-    """Lets another thread stop a call: its pauses end, and its socket is shut (LogStream.close)."""
+    """Lets another thread stop calls: their pauses end, and the sockets of those under way are
+    shut (LogStream.close; a map's runs, once it has stopped)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._watch: Optional[_Watch] = None
+        self._watches: Set[_Watch] = set()  # of the calls under way
+        self._lock = threading.Lock()
 
     def set(self) -> None:
         self._event.set()
-        watch = self._watch
-        if watch is not None:
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
             _WATCHDOG.fire(watch)
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
-    def hold(self, watch: Optional[_Watch]) -> None:
-        """The watch of the call under way, fired by set(): at once if it has been set already."""
-        self._watch = watch
-        if watch is not None and self._event.is_set():
+    def hold(self, watch: _Watch) -> None:
+        """The watch of a call under way, fired by set(): at once if it has been set already."""
+        with self._lock:
+            self._watches.add(watch)
+        if self._event.is_set():
             _WATCHDOG.fire(watch)
+
+    def let_go(self, watch: _Watch) -> None:
+        """The call is over: its connection may serve another."""
+        with self._lock:
+            self._watches.discard(watch)
 
     def wait(self, seconds: float) -> None:
         """Sleep, unless stopped first: _Stopped."""
@@ -1174,7 +1192,7 @@ class _Transport:
         """Send the request once and read its answer (a stream's headers only), by its deadline."""
         watched = self._session is None or request.call.host == "storage"
         watch = _WATCHDOG.watch(request.deadline) if watched else None
-        if request.stop is not None:
+        if request.stop is not None and watch is not None:
             request.stop.hold(watch)
         kept = False
         try:
@@ -1188,7 +1206,7 @@ class _Transport:
             return _failure_of(exc, request, url, watch)
         finally:
             if watch is not None and not kept:
-                _WATCHDOG.release(watch)
+                _release(watch, request.stop)
             elif watch is not None:
                 _WATCHDOG.lift(watch)  # a stream may last longer than any deadline; close() still fires it
 
@@ -1240,6 +1258,13 @@ class _Transport:
         if not self.is_ours():
             self._pool, self._pid = _WatchedAdapter(pool_maxsize=self._pool_size), os.getpid()
         return self._pool
+
+
+def _release(watch: _Watch, stop: Optional[_Stop]) -> None:
+    """A call is over: the watchdog, and its stop if it has one, let go of it."""
+    _WATCHDOG.release(watch)
+    if stop is not None:
+        stop.let_go(watch)
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -1437,7 +1462,8 @@ class _RateGate:
         self._in_flight = 0
 
     def enter(self, deadline: float, is_run: bool, stop: Optional[_Stop] = None, held: bool = True) -> bool:
-        """Wait until a call may be sent; False if the deadline came first. ``held``: it waits out a pause."""
+        """Wait until a call may be sent; False if the deadline came first, _Stopped if its stop
+        did (see wake). ``held``: it waits out a pause."""
         if not is_run:
             pause = self._pause_until - time.monotonic() if held else 0.0
             if pause > 0:
@@ -1446,6 +1472,8 @@ class _RateGate:
         with self._changed:
             while True:
                 now = time.monotonic()
+                if stop is not None and stop.is_set():
+                    raise _Stopped
                 if now >= deadline:
                     return False
                 if now < self._pause_until:
@@ -1464,6 +1492,11 @@ class _RateGate:
                 if succeeded and self._limit is not None:
                     self._limit += 0.25 / self._limit
                 self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Let the runs waiting here look again whether they have been stopped (a map that stopped)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def slow_down(self, seconds: float, is_run: bool) -> None:
         """A 429, while its call is still counted in flight: pause every thread, and halve the
@@ -2165,6 +2198,7 @@ class _RunPlan(NamedTuple):
     on_log: Optional[Callable[[LogEntry], Any]]
     admit: Optional[Callable[[_Sent], None]] = None  # a map's: lets the run be sent, unless the map has stopped
     ids: Optional[_Reserve] = None  # where its request id comes from: a map's reserve, else the client's
+    stop: Optional[_Stop] = None  # a map's: stops its calls at once once the map has stopped
 
     def given(self, inputs: Any) -> _RunPlan:
         """The plan with its inputs: the body of a POST, or the query of a GET."""
@@ -2249,13 +2283,14 @@ def _send_run(client: Client, plan: _RunPlan, deadline: float, sent: _Sent, foll
         headers=headers,
         request_id=request_id,
         admit=(lambda: admit(sent)) if admit is not None else None,
+        stop=plan.stop,
     )
     try:
         return _output_of(client._send(request))
     except _Unanswered as unanswered:
         lost: Optional[_Unanswered] = unanswered  # handled below, so that what follows is not chained to it
     except APIStatusError as refusal:
-        if not sent.reserved or not _id_refused(client, plan.key, refusal, deadline):
+        if not sent.reserved or not _id_refused(client, plan, refusal, deadline):
             raise
         lost = None
     if lost is None:  # the reserved id was refused: once more, under a new one
@@ -2267,11 +2302,12 @@ def _send_run(client: Client, plan: _RunPlan, deadline: float, sent: _Sent, foll
     if lost.record is None:
         return _fall_back(client, plan, deadline, sent, follower, lost.error)
     record, error = lost.record, lost.error  # the run started: its answer is its record's
-    assert request_id is not None and isinstance(error, APIStatusError)
+    assert request_id is not None
     if not _finished(record):
         logger.info("run %s answered %s while it goes on; waiting for it by its id", request_id, error)
-        record = _wait_for_record(client, plan.key, request_id, deadline)
-    if _response_status(record, request_id) == error.status_code:  # the answer was the workflow's own
+        record = _wait_for_record(client, plan.key, request_id, deadline, plan.stop)
+    if isinstance(error, APIStatusError) and _response_status(record, request_id) == error.status_code:
+        # the answer was the workflow's own
         raise RunFailed(
             f"{error} (the workflow's own answer: the run had started)",
             status_code=error.status_code,
@@ -2293,7 +2329,7 @@ def _fall_back(
         raise _run_timeout(plan.service_id, request_id) from error
     if plan.fallback == "resume" and request_id:
         logger.info("blocking run %s cut short (%s); waiting for it by its id", request_id, error)
-        return _output(_wait_for_record(client, plan.key, request_id, deadline), request_id)
+        return _output(_wait_for_record(client, plan.key, request_id, deadline, plan.stop), request_id)
     if plan.fallback != "rerun":
         raise error
     logger.warning("blocking run of %s cut short (%s); starting it again", plan.service_id, error)
@@ -2303,12 +2339,19 @@ def _fall_back(
     admit = plan.admit
     url_path = _service_path(_START_RUN, plan.service_id, plan.path)
     rerun = _Request(
-        _START_RUN, url_path, plan.key, deadline, plan.body, plan.headers, admit=admit and (lambda: admit(sent))
+        _START_RUN,
+        url_path,
+        plan.key,
+        deadline,
+        plan.body,
+        plan.headers,
+        admit=admit and (lambda: admit(sent)),
+        stop=plan.stop,
     )
     sent.ids[-1] = request_id = _request_id_in(client._send(rerun))
     if follower is not None:
         follower.follow(request_id)
-    return _output(_wait_for_record(client, plan.key, request_id, deadline), request_id)
+    return _output(_wait_for_record(client, plan.key, request_id, deadline, plan.stop), request_id)
 
 
 class _Reserve:
@@ -2366,7 +2409,7 @@ class _Reserve:
             self._changed.notify_all()
 
 
-def _id_refused(client: Client, key: _Key, error: APIStatusError, deadline: float) -> bool:
+def _id_refused(client: Client, plan: _RunPlan, error: APIStatusError, deadline: float) -> bool:
     """Whether the API refused a reserved id (it may have expired): a 404, 409 or 410 of the
     API's to the run, and the id's record gone or of no run, twice, RECORD_SETTLE apart."""
     request_id = error.request_id
@@ -2376,9 +2419,9 @@ def _id_refused(client: Client, key: _Key, error: APIStatusError, deadline: floa
         if look:
             if time.monotonic() + RECORD_SETTLE >= deadline:
                 return False
-            _sleep(RECORD_SETTLE)
+            _sleep(RECORD_SETTLE, plan.stop)
         try:
-            if _started(_record(client, key, request_id, deadline)):
+            if _started(_record(client, plan.key, request_id, deadline, plan.stop)):
                 return False
         except NotFoundError:
             pass  # no such record: the id is unknown
@@ -2421,15 +2464,18 @@ def _wait(
         return _wait_for_record(client, key, request_id, deadline)
 
 
-def _wait_for_record(client: Client, key: _Key, request_id: str, deadline: float) -> Dict[str, Any]:
+def _wait_for_record(
+    client: Client, key: _Key, request_id: str, deadline: float, stop: Optional[_Stop] = None
+) -> Dict[str, Any]:
     """Long-poll GET /result until the run finishes, and return its record. A server that says
     "not yet" without holding the poll is asked again after a pause, not in a loop."""
     quick = _Attempts(0, POLL_BACKOFF)  # polls answered at once, in a row
     while True:
         hold = min(LONG_POLL_MAX, max(1, math.ceil(deadline - time.monotonic())))
         path = _RESULT.at(request_id=request_id, hold=str(hold))
-        request = _Request(_RESULT, path, key, deadline, request_id=request_id, read_timeout=hold + LONG_POLL_MARGIN)
-        asked, attempts = time.monotonic(), _Attempts(client.max_retries, RETRY_BACKOFF)
+        timeout = hold + LONG_POLL_MARGIN
+        request = _Request(_RESULT, path, key, deadline, request_id=request_id, read_timeout=timeout, stop=stop)
+        asked, attempts = time.monotonic(), _Attempts(client.max_retries, RETRY_BACKOFF, stop)
         try:
             answer = client._send(request, attempts)
         except (APIConnectionError, RateLimitError, ServerError) as exc:
@@ -2447,7 +2493,7 @@ def _wait_for_record(client: Client, key: _Key, request_id: str, deadline: float
         if time.monotonic() - asked >= HELD_POLL_MIN:
             quick.made = 0
         else:
-            _sleep(min(quick.pause(), deadline - time.monotonic()))
+            _sleep(min(quick.pause(), deadline - time.monotonic()), stop)
             quick.made += 1
 
 
@@ -2533,7 +2579,8 @@ class _Mapper:
             interrupt.request_ids = [r for _, r in going_on if r]  # type: ignore[attr-defined]
             raise interrupt from None
         finally:
-            self._gate.stop()
+            self._gate.stop()  # the runs under way are cut, and go on at the server
+            self._client._gate.wake()
             for future in self._window:
                 future.cancel()
             pool.shutdown(wait=False)
@@ -2608,7 +2655,9 @@ class _Mapper:
         """One item: its run planned and sent, unless the map has stopped; with a journal, as the
         journal says (replayed, waited for, or sent under the id it holds or a new one)."""
         gate = self._gate
-        plan = self._plan.given(item)._replace(admit=lambda sent: gate.admit(index, sent), ids=self._ids)
+        plan = self._plan.given(item)._replace(
+            admit=lambda sent: gate.admit(index, sent), ids=self._ids, stop=gate.calls
+        )
         gate.begin(fresh)
         try:
             deadline = time.monotonic() + self._seconds
@@ -2628,6 +2677,7 @@ class _MapGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
+        self.calls = _Stop()  # the calls of the map's runs, stopped with it: no thread outlives it
         self._sent: Dict[int, _Sent] = {}  # item index -> what its run sent, while it goes on
         self._submitted = self._started = 0
         self._fresh = 0  # items submitted that will need a new id, not yet begun
@@ -2671,7 +2721,9 @@ class _MapGate:
         too), by item index, with their request ids (None if it is not known)."""
         with self._lock:
             self._stopped = True
-            return [(i, r) for i, sent in sorted(self._sent.items()) for r in sent.ids]
+            going_on = [(i, r) for i, sent in sorted(self._sent.items()) for r in sent.ids]
+        self.calls.set()
+        return going_on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2867,7 +2919,7 @@ class _Journal:
                 if time.monotonic() + settle >= deadline:
                     raise _run_timeout(plan.service_id, request_id, "its deadline, while a resume let it settle")
                 logger.info("run %s was journaled and has not started; looking again in %.1f s", request_id, settle)
-                _sleep(settle)
+                _sleep(settle, plan.stop)
                 record = self._record(client, plan, request_id, deadline)
         if _started(record):
             return _Step(_WAIT, request_id, record=record if _finished(record) else None)
@@ -2905,7 +2957,9 @@ class _Journal:
             plan.admit(_Sent(request_id))  # named if the map is stopped: it goes on
         if record is None:
             return self._outcome(
-                key, request_id, lambda: _output(_wait_for_record(client, plan.key, request_id, deadline), request_id)
+                key,
+                request_id,
+                lambda: _output(_wait_for_record(client, plan.key, request_id, deadline, plan.stop), request_id),
             )
         return self._outcome(key, request_id, lambda: _output(record, request_id))
 
@@ -2950,7 +3004,7 @@ class _Journal:
 
     def _record(self, client: Client, plan: _RunPlan, request_id: str, deadline: float) -> Dict[str, Any]:
         try:
-            return _record(client, plan.key, request_id, deadline, None)
+            return _record(client, plan.key, request_id, deadline, plan.stop)
         except NotFoundError:
             raise CodewordsError(
                 f"the journal {self.path} holds run {request_id}, which the API no longer knows: whether it ran"
@@ -3214,7 +3268,7 @@ class LogStream:
             return self._run_has_ended()  # silence is not a failure
         finally:
             if answer.watch is not None:
-                _WATCHDOG.release(answer.watch)
+                _release(answer.watch, self._stop)
             if parser.retry is not None:
                 retry = max(parser.retry, LOG_RETRY_MIN)
                 self._failures.backoff = self._closes.backoff = (retry, retry)

@@ -281,12 +281,16 @@ class FakeRuntime:
             rate, draw, retry_after = self._chaos
             if draw.random() >= rate:
                 return None
-            if method == "POST" and path.startswith(("/run/", "/run_async/")):
+            if method == "POST" and path.startswith("/run_async/"):
                 kind = draw.choice(["429", "503", "slow"])
+            elif method == "POST" and path.startswith("/run/"):  # a lost run is asked about by its id
+                kind = draw.choice(["429", "503", "slow", "drop", "drop after run"])
             else:
                 kind = draw.choice(["429", "502", "503", "504", "drop", "truncate", "slow"])
         if kind == "slow":
             return Fault(method, path, delay=0.05)
+        if kind == "drop after run":
+            return Fault(method, path, drop=True, after_run=True)
         if kind in ("drop", "truncate"):
             return Fault(method, path, **{kind: True})
         return Fault(method, path, status=int(kind), retry_after=retry_after if kind in ("429", "503") else None)

@@ -134,8 +134,8 @@ class Connection:
         """Wait for the peer to close its side (or the server to stop); True if it did."""
         end = time.monotonic() + seconds
         while time.monotonic() < end and not self.server.stopping.is_set():
-            self.sock.settimeout(min(0.1, max(0.001, end - time.monotonic())))
-            try:
+            try:  # the server's close() may have closed the socket under us: it is closed then
+                self.sock.settimeout(min(0.1, max(0.001, end - time.monotonic())))
                 if not self.sock.recv(65536):
                     return True
             except socket.timeout:

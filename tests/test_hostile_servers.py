@@ -264,9 +264,9 @@ class TestFinalWholeAnswer:
         kept = len(whole) - (len(body) // 2 if framing.endswith("half") else 8)  # the gzip trailer is 8 bytes
         server.route(*ROUTES[path], cut(whole, kept))
         with client_of(server) as client:
-            if path == "run":  # the run may have started: any error, but never a value
-                with pytest.raises(cw.CodewordsError):
-                    call(path, client)
+            if path == "run":  # the run's answer was lost: its record's output, never the half answer
+                assert call(path, client) == OUTPUT
+                assert len(runs_sent(server)) == 1
             else:
                 with pytest.raises(cw.APIConnectionError):
                     call(path, client)
@@ -563,6 +563,93 @@ class TestRedirectsAndResending:
                 output = None
         assert workflow.executions == 1 and len(runs_sent(server)) == 1
         assert output in (None, OUTPUT)
+
+
+class TestALostRun:
+    """A connection lost after POST /run left, reset or closed before any answer: the run may have
+    reached the workflow. It was an APIConnectionError at once, its output lost when the run went
+    on, and a batch failed when a busy gateway reset a connection it never read (CI, on urllib3
+    1.26). Now its record is asked, as after a 503: a run that started is waited for by its id; one
+    that never started (twice, RECORD_SETTLE apart) is sent again, under the same id."""
+
+    @staticmethod
+    def lose(how):
+        """A workflow route that loses the connection: reset, or closed, before (or after) the run."""
+        return reset_connection if how == "reset" else lambda conn, request: None
+
+    @pytest.mark.parametrize("how", ["reset", "closed"])
+    def test_a_run_lost_before_it_started_is_sent_again_under_its_id(self, server, how):
+        attempts = []
+
+        def run(conn, request):
+            attempts.append(request.headers.get("x-provisioned-request-id"))
+            if len(attempts) == 1:
+                return self.lose(how)(conn, request)  # the gateway died before it passed the run on
+            conn.send(json_answer(200, OUTPUT))
+
+        server.route("POST", "/run/svc", run)
+        Runtime(server, husk)
+        with client_of(server) as client:
+            assert client.run("svc", {"a": 1}) == OUTPUT
+        assert attempts == [RID, RID]
+        assert server.count("GET", f"/request/{RID}") == 2  # asked twice before it was sent again
+
+    @pytest.mark.parametrize("how", ["reset", "closed"])
+    def test_a_run_lost_after_it_started_is_waited_for_by_its_id(self, server, how):
+        executions, asked = [], []
+
+        def run(conn, request):
+            executions.append(request.at)
+            self.lose(how)(conn, request)  # the run goes on; the gateway lost its connection
+
+        def record():  # started when first asked, finished when asked again
+            asked.append(1)
+            return finished() if len(asked) > 1 else started()
+
+        server.route("POST", "/run/svc", run)
+        Runtime(server, record)
+        with client_of(server) as client:
+            assert client.run("svc", {"a": 1}) == OUTPUT
+        assert len(executions) == 1 and len(runs_sent(server)) == 1
+
+    def test_a_record_that_lags_the_lost_run_does_not_run_it_twice(self, server, monkeypatch):
+        monkeypatch.setattr(cw, "RECORD_SETTLE", 0.5, raising=False)
+        lost_at = []
+
+        def run(conn, request):
+            lost_at.append(time.monotonic())
+            reset_connection(conn, request)
+
+        server.route("POST", "/run/svc", run)
+
+        def record():  # the store shows the run 0.3 s after its connection was lost
+            if not lost_at or time.monotonic() - lost_at[0] < 0.3:
+                return husk()
+            return finished()
+
+        Runtime(server, record)
+        with client_of(server) as client:
+            assert client.run("svc", {"a": 1}) == OUTPUT
+        assert len(runs_sent(server)) == 1
+
+    @pytest.mark.parametrize("settings", [{"fallback": None}, {"one_time": True}])
+    def test_a_lost_run_without_an_id_to_ask_about_is_raised_and_not_sent_again(self, server, settings):
+        server.route("POST", "/run/svc", reset_connection)
+        Runtime(server, husk)
+        key = "cwotk-once-5f4dcc3b" if settings.get("one_time") else KEY
+        with cw.Client(key, base_url=server.url, timeout=5) as client:
+            with pytest.raises(cw.APIConnectionError):
+                client.run("svc", {"a": 1}, **{k: v for k, v in settings.items() if k != "one_time"})
+        assert server.count("POST", "/run/svc") == 1
+        assert server.count("GET", f"/request/{RID}") == 0
+
+    def test_a_run_lost_every_time_stops_after_its_retries(self, server):
+        server.route("POST", "/run/svc", reset_connection)
+        Runtime(server, husk)
+        with client_of(server, max_retries=2) as client:
+            with pytest.raises(cw.APIConnectionError):
+                client.run("svc", {"a": 1})
+        assert len(runs_sent(server)) == 3  # the first, and two more under the same id
 
 
 # -- 4. Secrets ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -446,3 +447,58 @@ def test_a_line_the_body_cannot_carry_is_named_and_nothing_is_sent(cli, runtime,
     code, lines, err = cli("map", "check", str(batch))
     assert (code, lines) == (2, []) and f"line 2 holds {value}" in err
     assert runtime.calls == []
+
+
+# -- Ctrl-C ends the process, not only the map -----------------------------------------------------
+
+INTERRUPTED_LIBRARY = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import codewords_lite as cw
+
+    client = cw.Client(sys.argv[2], base_url=sys.argv[3])
+    try:
+        list(client.map("sleep", [{"seconds": 60, "i": i} for i in range(4)], max_workers=2, journal=sys.argv[4]))
+    except KeyboardInterrupt as interrupt:
+        print(len(interrupt.request_ids), flush=True)
+    """
+)
+
+
+def interrupted(runtime, command):
+    """Start ``command``, Ctrl-C it once two 60 s runs are under way; its exit code, output, and
+    the seconds it took to end after the Ctrl-C."""
+    env = dict(os.environ, CODEWORDS_API_KEY=runtime.api_key, CODEWORDS_BASE_URL=runtime.url)
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with runtime.lock:
+            assert runtime.lock.wait_for(lambda: runtime.executions["sleep"] >= 2, timeout=60)
+        child.send_signal(signal.SIGINT)
+        interrupted_at = time.monotonic()
+        stdout, stderr = child.communicate(timeout=50)  # a hang would wait for the runs: 60 s
+        return child.returncode, stdout, stderr, time.monotonic() - interrupted_at
+    finally:
+        child.kill()
+
+
+@pytest.mark.parametrize("how", ["library", "command line"])
+def test_ctrl_c_ends_the_process_at_once_and_the_journal_keeps_the_runs_that_go_on(runtime, journal, how):
+    """Regression: Python joins a ThreadPoolExecutor's threads at exit, so a script or the command
+    line interrupted during a map stayed until its runs in flight answered (here 60 s)."""
+    if how == "library":
+        command = [sys.executable, "-c", INTERRUPTED_LIBRARY, ROOT, runtime.api_key, runtime.url, journal]
+    else:
+        batch = journal + ".jsonl"
+        with open(batch, "w") as file:
+            file.write('{"seconds": 60, "i": 0}\n{"seconds": 60, "i": 1}\n{"seconds": 60, "i": 2}\n')
+        command = [sys.executable, "-m", "codewords_lite", "map", "sleep", batch, "--journal", journal]
+        command += ["--workers", "2"]
+    code, stdout, stderr, seconds = interrupted(runtime, command)
+    assert seconds < 30, (seconds, stderr)
+    if how == "library":
+        assert (code, stdout.strip()) == (0, "2"), stderr
+    else:
+        assert code == 130 and "the same command resumes the batch" in stderr, stderr
+    assert sorted(state for state, _ in rows(journal)) == ["sent", "sent"]
+    assert runtime.executions["sleep"] == 2
