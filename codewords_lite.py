@@ -484,9 +484,11 @@ class Client:
             raise ConfigurationError("key= and retry_failed= are a journal's: pass journal= too")
         mapper = _Mapper(self, plan, seconds, max_workers, return_exceptions, book)
         outputs = mapper.outputs(inputs, ordered, on_progress, total)
-        if book is not None:
-            weakref.finalize(outputs, book.close)  # dropped before its first item: its lock is let go at once
-        return outputs
+        if book is None:
+            return outputs
+        journaled = _Journaled(outputs, book)
+        weakref.finalize(journaled, book.close)  # dropped before its first item: its lock is let go at once
+        return journaled
 
     def get_run(self, request_id: str) -> Run:
         """The Run of a request id, to wait for a run started elsewhere or earlier."""
@@ -2243,7 +2245,7 @@ def _run(client: Client, plan: _RunPlan, deadline: float, request_id: Optional[s
     follower = _LogFollower(client, plan.key, plan.on_log) if plan.on_log is not None else None
     with _waiting(follower, deadline, lambda: sent.interrupted(plan.service_id)):
         if request_id is None and plan.needs_id:
-            sent.ids[-1], sent.reserved = (plan.ids or client._ids).take(client, plan.key, deadline)
+            sent.ids[-1], sent.reserved = (plan.ids or client._ids).take(client, plan.key, deadline, plan.stop)
         sent.sending = True
         if follower is not None:
             follower.follow(sent.current)
@@ -2295,7 +2297,7 @@ def _send_run(client: Client, plan: _RunPlan, deadline: float, sent: _Sent, foll
         lost = None
     if lost is None:  # the reserved id was refused: once more, under a new one
         logger.info("the reserved request id %s was refused; the run is sent under a new one", request_id)
-        sent.ids[-1], sent.reserved = _provision_for_run(client, plan.key, deadline), False
+        sent.ids[-1], sent.reserved = _provision_for_run(client, plan.key, deadline, plan.stop), False
         if follower is not None:
             follower.follow(sent.current)
         return _send_run(client, plan, deadline, sent, follower)
@@ -2370,20 +2372,35 @@ class _Reserve:
         self._changed = threading.Condition()
         self._pid = os.getpid()
 
-    def take(self, client: Client, key: _Key, deadline: float) -> Tuple[Optional[str], bool]:
+    def take(
+        self, client: Client, key: _Key, deadline: float, stop: Optional[_Stop] = None
+    ) -> Tuple[Optional[str], bool]:
         """An id for a run, and whether it came from the reserve: one held, or one under way, else
-        one provisioned now (None if the API offers none). Then the reserve is refilled."""
+        one provisioned now (None if the API offers none). Then the reserve is refilled. A stop
+        ends the wait (see wake)."""
+        stopped = stop.is_set if stop is not None else lambda: False
         with self._changed:
             if self._pid != os.getpid():  # a child after fork(): the parent's ids are the parent's
                 self._ids, self._coming, self._pid = [], 0, os.getpid()
             self._ids = [(k, i) for k, i in self._ids if k == key.value]
-            self._changed.wait_for(lambda: self._ids or not self._coming, max(0.0, deadline - time.monotonic()))
+
+            def ready() -> bool:
+                return bool(self._ids) or not self._coming or stopped()
+
+            self._changed.wait_for(ready, max(0.0, deadline - time.monotonic()))
+            if stopped():
+                raise _Stopped
             self._takes += 1
             held = self._ids.pop()[1] if self._ids else None
         self.refill(client, key)
         if held is not None:
             return held, True
-        return _provision_for_run(client, key, deadline), False
+        return _provision_for_run(client, key, deadline, stop), False
+
+    def wake(self) -> None:
+        """Let the runs waiting for an id look again whether they have been stopped (a map that stopped)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def refill(self, client: Client, key: _Key) -> None:
         """Provision in the background until the ids held and under way are what is wanted: after
@@ -2430,11 +2447,11 @@ def _id_refused(client: Client, plan: _RunPlan, error: APIStatusError, deadline:
     return True
 
 
-def _provision_for_run(client: Client, key: _Key, deadline: float) -> Optional[str]:
+def _provision_for_run(client: Client, key: _Key, deadline: float, stop: Optional[_Stop] = None) -> Optional[str]:
     """A request id for a run about to be sent, or None if the API says it offers none (404, 405,
     501). Any other failure is raised: a run sent without an id would meet the same network."""
     try:
-        return _request_id_in(client._send(_Request(_PROVISION_FOR_RUN, _PROVISION.path, key, deadline)))
+        return _request_id_in(client._send(_Request(_PROVISION_FOR_RUN, _PROVISION.path, key, deadline, stop=stop)))
     except AuthenticationError as exc:
         raise AuthenticationError(
             f"the API key was refused ({exc.status_code}): {_describe(exc.detail)}",
@@ -2552,7 +2569,7 @@ class _Mapper:
         ordered: bool,
         on_progress: Optional[Callable[[int, Optional[int]], Any]],
         total: Optional[int],
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         import concurrent.futures  # map() alone needs it, and it would cost more than the rest of the import
 
         items = enumerate(inputs)
@@ -2571,7 +2588,7 @@ class _Mapper:
                     on_progress(self._done, total)
                 yield from self._ready(finished, ordered)
         except KeyboardInterrupt:
-            going_on = self._gate.stop()
+            going_on = self._stop()
             listed = ", ".join(f"item {i} ({r or 'no request id known'})" for i, r in going_on)
             message = f"map of {self._plan.service_id} interrupted; runs that go on: {listed or 'none'}"
             logger.warning(message + "; no other run is sent")
@@ -2579,13 +2596,20 @@ class _Mapper:
             interrupt.request_ids = [r for _, r in going_on if r]  # type: ignore[attr-defined]
             raise interrupt from None
         finally:
-            self._gate.stop()  # the runs under way are cut, and go on at the server
-            self._client._gate.wake()
+            self._stop()
             for future in self._window:
                 future.cancel()
             pool.shutdown(wait=False)
             if self._journal is not None:
                 self._journal.close()  # runs still going on are waited for by a resume, by their ids
+
+    def _stop(self) -> List[Tuple[int, Optional[str]]]:
+        """Send no more runs, and cut the calls of those under way (they go on at the server); the
+        threads waiting for a slot of the client's rate gate or for an id look again, and end."""
+        going_on = self._gate.stop()
+        self._client._gate.wake()
+        self._ids.wake()
+        return going_on
 
     def _fill(self, pool: Any, items: Iterator[Tuple[int, Any]]) -> None:
         """Submit items while the window has room: inputs are read only as workers free up. An
@@ -2668,6 +2692,24 @@ class _Mapper:
             return self._journal.run(self._client, plan, item_key, deadline)
         finally:
             gate.finished(index)
+
+
+class _Journaled:
+    """A journaled map's outputs: closed, it lets go of its journal even before its first output
+    (a generator closed before it has started runs none of its code, its ``finally`` included)."""
+
+    def __init__(self, outputs: Generator[Any, None, None], journal: _Journal) -> None:
+        self._outputs, self._journal = outputs, journal
+
+    def __iter__(self) -> _Journaled:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._outputs)
+
+    def close(self) -> None:
+        self._outputs.close()
+        self._journal.close()
 
 
 class _MapGate:
@@ -2858,36 +2900,36 @@ class _Journal:
             if not self._closed:
                 self._closed = True
                 self._db.close()
-                self._lock_file.close()
+                _unlock_journal(self._lock_file)
 
     # -- which item is which ------------------------------------------------------------------
 
     def key_of(self, item: Any) -> str:
         """The item's key, called in input order: ``key(item)``, else the canonical JSON of the
         service id, path, method and inputs with the number of equal items before it. Two items
-        of one map never share a key (a ``key()`` that gives one twice is refused)."""
-        import hashlib
-
+        of one map never share a key (a ``key()`` that gives one twice is refused). The API key
+        is never written: see _masked_key."""
+        secret = self._plan.key.value
         if self._key_of is not None:
             key = self._key_of(item)
             if not isinstance(key, str):
                 raise TypeError(f"key() must return a str, not {type(key).__name__}")
-            key = key.replace(self._plan.key.value, "***")  # the API key is never written
-            digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            digest = _digest(key)
             if self._seen[digest]:
-                raise ConfigurationError(f"key() gave {key!r} to two items of the map: each needs its own")
+                raise ConfigurationError(
+                    f"key() gave {key.replace(secret, '***')!r} to two items of the map: each needs its own"
+                )
             self._seen[digest] += 1
-            return key
+            return _masked_key(key, secret, digest)
         plan = self._plan
         try:
             base = _json_text([plan.service_id, plan.url_path, plan.method, item], **_CANONICAL)
         except (TypeError, ValueError, RecursionError) as exc:
             raise TypeError(f"inputs are not JSON-serialisable: {exc}") from exc
-        base = base.replace(plan.key.value, "***")  # inputs that hold the API key: never written
-        digest = hashlib.blake2b(base.encode("utf-8"), digest_size=16).digest()
+        digest = _digest(base)
         occurrence = self._seen[digest]
         self._seen[digest] += 1
-        return base[:-1] + f",{occurrence}]"
+        return _masked_key(base[:-1] + f",{occurrence}]", secret, digest)
 
     def needs_id(self, key: str) -> bool:
         """Whether the item will need a new request id: one the journal does not know, or a
@@ -2940,7 +2982,9 @@ class _Journal:
         reserved = step.step == _SEND
         if request_id is None:
             request_id, reserved = (
-                (plan.ids or client._ids).take(client, plan.key, deadline) if not self._no_ids else (None, False)
+                (plan.ids or client._ids).take(client, plan.key, deadline, plan.stop)
+                if not self._no_ids
+                else (None, False)
             )
             if request_id is None:
                 self._no_ids = True
@@ -3064,6 +3108,19 @@ class _Journal:
 _CANONICAL: Dict[str, Any] = {"sort_keys": True, "separators": (",", ":"), "allow_nan": False}
 
 
+def _digest(text: str) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _masked_key(key: str, secret: str, digest: bytes) -> str:
+    """An item's key as the journal writes it: with the API key masked, and then the digest of the
+    key as it was, so that it stays apart from a key that held "***" itself."""
+    masked = key.replace(secret, "***")
+    return masked if masked == key else f"{masked} #{digest.hex()}"
+
+
 def _current(request_id: Union[str, List[str]]) -> str:
     return request_id if isinstance(request_id, str) else request_id[0]
 
@@ -3143,7 +3200,25 @@ def _lock_journal(path: str) -> IO[bytes]:
     except BaseException:
         lock.close()
         raise
+    _JOURNAL_LOCKS.add(lock)
     return lock
+
+
+def _unlock_journal(lock: IO[bytes]) -> None:
+    _JOURNAL_LOCKS.discard(lock)
+    lock.close()
+
+
+def _forget_journal_locks() -> None:
+    """In a child after fork(): close its copies of the journal locks of the parent, whose flock
+    the child would share (it belongs to the open file), so that they still die with the parent."""
+    for lock in list(_JOURNAL_LOCKS):
+        _unlock_journal(lock)
+
+
+_JOURNAL_LOCKS: Set[IO[bytes]] = set()  # the locks this process holds
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_journal_locks)
 
 
 def _journal_summary(path: str) -> Dict[str, Any]:
