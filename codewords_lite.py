@@ -2806,6 +2806,7 @@ _JOURNAL_SCHEMA = (
     ") WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS batch (name TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID",  # schema, total
 )
+_JOURNAL_COLUMNS = ["key", "state", "request_id", "sent_at", "finished_at", "output_type", "output", "error"]
 _JOURNAL_VERSION = "1"
 _JOURNALED_ERRORS = {
     cls.__name__: cls
@@ -2876,6 +2877,9 @@ class _Journal:
                 connection.execute("PRAGMA synchronous=NORMAL")
                 for statement in _JOURNAL_SCHEMA:
                     connection.execute(statement)
+                columns = [row[1] for row in connection.execute("PRAGMA table_info(items)")]
+                if columns != _JOURNAL_COLUMNS:
+                    raise ConfigurationError(f"{name} is not a journal: it has a table items of other columns")
                 version = connection.execute("SELECT value FROM batch WHERE name = 'schema'").fetchone()
                 if version is not None and version[0] != _JOURNAL_VERSION:
                     raise ConfigurationError(f"the journal {name} is of schema {version[0]}, not {_JOURNAL_VERSION}")

@@ -217,6 +217,16 @@ def test_a_row_that_holds_the_key_is_not_equal_to_one_that_holds_its_mask(runtim
     assert len(set(keys)) == 2 and not any(runtime.api_key in k for k in keys)
 
 
+def test_a_database_of_another_program_is_refused_before_anything_is_sent(runtime, client, journal):
+    """Review: an SQLite file with a table named items of its own raised a bare sqlite3 error."""
+    with sqlite3.connect(journal) as db:
+        db.execute("CREATE TABLE items (name TEXT, price REAL)")
+    for _ in range(2):  # the second time too: the first let go of its lock
+        with pytest.raises(cw.ConfigurationError, match="is not a journal"):
+            client.map("echo", [{"i": 1}], journal=journal)
+    assert runtime.calls == []
+
+
 def test_a_one_time_key_is_refused_before_anything_is_sent(runtime, journal):
     with cw.Client(runtime.issue_one_time_key(), base_url=runtime.url) as client:
         with pytest.raises(cw.ConfigurationError, match="one-time key"):
