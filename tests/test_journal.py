@@ -540,6 +540,16 @@ INTERRUPTED_LIBRARY = textwrap.dedent(
 )
 
 
+def mapping(runtime, journal, how, items):
+    """The command of a journaled map of 60 s runs over two workers: a script, or the command line's."""
+    if how == "library":
+        return [sys.executable, "-c", INTERRUPTED_LIBRARY, ROOT, runtime.api_key, runtime.url, journal]
+    batch = journal + ".jsonl"
+    with open(batch, "w") as file:
+        file.writelines(f'{{"seconds": 60, "i": {i}}}\n' for i in range(items))
+    return [sys.executable, "-m", "codewords_lite", "map", "sleep", batch, "--journal", journal, "--workers", "2"]
+
+
 def two_runs_under_way(runtime):
     with runtime.lock:
         return runtime.lock.wait_for(lambda: runtime.executions["sleep"] >= 2, timeout=60)
@@ -564,15 +574,7 @@ def interrupted(runtime, command, ready=two_runs_under_way):
 def test_ctrl_c_ends_the_process_at_once_and_the_journal_keeps_the_runs_that_go_on(runtime, journal, how):
     """Regression: Python joins a ThreadPoolExecutor's threads at exit, so a script or the command
     line interrupted during a map stayed until its runs in flight answered (here 60 s)."""
-    if how == "library":
-        command = [sys.executable, "-c", INTERRUPTED_LIBRARY, ROOT, runtime.api_key, runtime.url, journal]
-    else:
-        batch = journal + ".jsonl"
-        with open(batch, "w") as file:
-            file.write('{"seconds": 60, "i": 0}\n{"seconds": 60, "i": 1}\n{"seconds": 60, "i": 2}\n')
-        command = [sys.executable, "-m", "codewords_lite", "map", "sleep", batch, "--journal", journal]
-        command += ["--workers", "2"]
-    code, stdout, stderr, seconds = interrupted(runtime, command)
+    code, stdout, stderr, seconds = interrupted(runtime, mapping(runtime, journal, how, items=3))
     assert seconds < 30, (seconds, stderr)
     if how == "library":
         assert (code, stdout.strip()) == (0, "2"), stderr
@@ -594,14 +596,8 @@ def test_ctrl_c_ends_the_process_at_once_while_an_id_is_provisioned(runtime, jou
             release.wait(60)
 
     runtime.on_event = hold_provisions
-    if how == "library":
-        command = [sys.executable, "-c", INTERRUPTED_LIBRARY, ROOT, runtime.api_key, runtime.url, journal]
-    else:
-        batch = journal + ".jsonl"
-        with open(batch, "w") as file:
-            file.write('{"seconds": 60, "i": 0}\n{"seconds": 60, "i": 1}\n')
-        command = [sys.executable, "-m", "codewords_lite", "map", "sleep", batch, "--journal", journal]
     try:
+        command = mapping(runtime, journal, how, items=2)
         code, stdout, stderr, seconds = interrupted(runtime, command, lambda runtime: held.wait(60))
     finally:
         release.set()
