@@ -908,6 +908,7 @@ class _Verdict(NamedTuple):
     target: Optional[str] = None  # where a redirect leads
     retry_after: Optional[float] = None  # the server's wish, before the call is sent again
     resend: bool = False  # _ASK: sent again if its record shows the run never started
+    settle: bool = False  # _ASK: "never started" is believed only when a second look says so too
 
 
 def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -> _Verdict:
@@ -922,7 +923,7 @@ def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -
     call, once = request.call, request.key is not None and request.key.once
     if isinstance(outcome, _Failure):
         step = _judge_failure(request, outcome)
-        return _Verdict(step, _failure_error(request, outcome), resend=step == _ASK)
+        return _Verdict(step, _failure_error(request, outcome), resend=step == _ASK, settle=step == _ASK)
     if 200 <= outcome.status < 300 or outcome.status in call.not_yet:
         return _Verdict(_DONE)
     target, why = _redirect_target(call, outcome, once or follows >= MAX_REDIRECTS)
@@ -935,7 +936,8 @@ def _judge(request: _Request, outcome: Union[_Answer, _Failure], follows: int) -
         if outcome.status == 504:
             return _Verdict(_CUT, error)
         resend = outcome.status in call.resend
-        return _Verdict(_ASK if request.request_id else _RAISE, error, None, _retry_after(outcome), resend)
+        settle = resend or outcome.status >= 500  # a server's error: the run may go on behind it
+        return _Verdict(_ASK if request.request_id else _RAISE, error, None, _retry_after(outcome), resend, settle)
     return _Verdict(_RESEND if outcome.status in call.resend else _RAISE, error, None, _retry_after(outcome))
 
 
@@ -1055,21 +1057,23 @@ class _Sender:
     def _may_resend_run(self, verdict: _Verdict) -> bool:
         """After an answer to POST /run that is not the workflow's own, or its connection lost on
         the way: whether to send it again. A record that shows the run started holds its answer
-        (raised as _Unanswered, for the run to wait for). What the verdict lets be sent again (a
-        429 or 503 of the gateway, a lost connection) is sent again under the same id only when the
-        record says twice, RECORD_SETTLE apart, that the run never started (a record may lag its
-        run); anything else is raised as it is."""
-        error = verdict.error
+        (raised as _Unanswered, for the run to wait for). "Never started" is believed when the
+        record says it twice, RECORD_SETTLE apart (a record may lag its run), where the verdict
+        settles: then what it lets be sent again (a 429 or 503 of the gateway, a lost connection)
+        is sent again under the same id, as the attempts allow; anything else is raised as it is."""
+        error, deadline = verdict.error, self.request.deadline
         self._raise_if_started(error)
-        if not verdict.resend or self.attempts.made >= self.attempts.retries:
+        if not verdict.settle:
             return False
-        wait = max(RECORD_SETTLE, self.attempts.pause(verdict.retry_after))
-        if not self.attempts.spend(wait, self.request.deadline, sleep=False):
+        resend = verdict.resend and self.attempts.made < self.attempts.retries
+        wait = max(RECORD_SETTLE, self.attempts.pause(verdict.retry_after)) if resend else RECORD_SETTLE
+        if time.monotonic() + wait >= deadline or (resend and not self.attempts.spend(wait, deadline, sleep=False)):
             return False  # no time for a second look
         _sleep(wait, self.request.stop)
         self._raise_if_started(error)
-        logger.info("%s did not start (%s); sent again", self.request.describe(), error)
-        return True
+        if resend:
+            logger.info("%s did not start (%s); sent again", self.request.describe(), error)
+        return resend
 
     def _raise_if_started(self, error: CodewordsError) -> None:
         """_Unanswered with the record if it shows the run started; the error as it is if the record cannot be read."""
@@ -1791,6 +1795,7 @@ _WATCHED_POOLS = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
 _BLOCK = 64 << 10  # the most bytes read from a socket, or decoded from a block, at once
 _OUTPUT_FIELDS = ("responseStatus", "responseJson", "responseContent")  # a finished record has one
 _STATUS_TEXT = r"\s*([0-9]{3})(?:\.0*)?\s*\Z"
+_LENGTH = r"[0-9]{1,18}\Z"  # a Content-Length: ASCII digits, fewer than 2**63 (urllib3 ignores any other)
 _CHARSET = r"""(?i)charset\s*=\s*["']?([^"';\s]+)"""
 _XML_CODE = r"(?s)<Code>(.*?)</Code>"
 _XML_MESSAGE = r"(?s)<Message>(.*?)</Message>"
@@ -1892,8 +1897,8 @@ def _cut_masked(content: bytes, limit: int, secret: str) -> bytes:
 
 def _check_length(response: requests.Response, received: int) -> None:
     """_Cut if a body ended short of its Content-Length (urllib3 before 2.0 lets it through)."""
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and received < int(declared):
+    declared = response.headers.get("Content-Length", "").strip()
+    if re.match(_LENGTH, declared) and received < int(declared):
         raise _Cut(f"the connection closed after {received} of {declared} bytes of the answer")
 
 
@@ -2364,8 +2369,9 @@ class _Reserve:
     client's pickle holds its settings only) and dropped in a child after fork(): no two runs
     ever carry the same id."""
 
-    def __init__(self, size: int, ahead: Optional[Callable[[], int]] = None) -> None:
+    def __init__(self, size: int, ahead: Optional[Callable[[], int]] = None, stop: Optional[_Stop] = None) -> None:
         self._size, self._ahead = size, ahead  # ahead: how many items wait for an id (a map's)
+        self._stop = stop  # a map's: its provisions under way end with it
         self._ids: List[Tuple[str, str]] = []  # (the key it was provisioned with, the id)
         self._coming = 0  # provisions under way
         self._takes = 0
@@ -2415,15 +2421,20 @@ class _Reserve:
     def _provision(self, client: Client, key: _Key) -> None:
         request_id = None
         try:
-            request = _Request(_PROVISION, _PROVISION.path, key, client._deadline(QUICK_READ_TIMEOUT))
-            request_id = _request_id_in(client._send(request))
-        except (CodewordsError, RuntimeError) as exc:  # the next run provisions its own
-            logger.debug("a request id for the reserve could not be provisioned: %s", exc)
-        with self._changed:
-            self._coming -= 1
-            if request_id is not None and self._pid == os.getpid():
-                self._ids.append((key.value, request_id))
-            self._changed.notify_all()
+            deadline = client._deadline(QUICK_READ_TIMEOUT)
+            request_id = _request_id_in(
+                client._send(_Request(_PROVISION, _PROVISION.path, key, deadline, stop=self._stop))
+            )
+        except (CodewordsError, RuntimeError, _Stopped) as exc:  # the next run provisions its own
+            logger.debug("a request id for the reserve could not be provisioned: %r", exc)
+        except Exception:  # a bug, which no caller is there to see: logged, and the reserve goes on
+            logger.warning("a request id for the reserve could not be provisioned", exc_info=True)
+        finally:  # the runs waiting for it look again
+            with self._changed:
+                self._coming -= 1
+                if request_id is not None and self._pid == os.getpid():
+                    self._ids.append((key.value, request_id))
+                self._changed.notify_all()
 
 
 def _id_refused(client: Client, plan: _RunPlan, error: APIStatusError, deadline: float) -> bool:
@@ -2559,7 +2570,7 @@ class _Mapper:
         self._window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
         self._counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
         self._reading = True
-        self._ids = _Reserve(workers, ahead=self._gate.ids_wanted)
+        self._ids = _Reserve(workers, ahead=self._gate.ids_wanted, stop=self._gate.calls)
         self._input_error: Optional[Exception] = None  # raised once the runs sent before it are in
         self._done = 0
 
@@ -2840,7 +2851,7 @@ class _Journal:
         self._key_of: Optional[Callable[[Any], str]] = None
         self._retry_failed = retry_failed
         self._seen: Counter[bytes] = collections.Counter()  # digests of keys so far: occurrence numbers
-        self._states: Dict[str, str] = dict(connection.execute("SELECT key, state FROM items"))  # read once
+        self._states: Dict[str, str] = {}  # of every row, read once at open
         self._lock = threading.Lock()
         self._closed = False
         self._no_ids = False  # the API offers no request ids: every item fails, none is sent
@@ -2885,17 +2896,18 @@ class _Journal:
                     raise ConfigurationError(f"the journal {name} is of schema {version[0]}, not {_JOURNAL_VERSION}")
                 connection.execute("INSERT OR REPLACE INTO batch VALUES ('schema', ?)", (_JOURNAL_VERSION,))
                 connection.execute("INSERT OR REPLACE INTO batch VALUES ('total', ?)", (total,))
+                journal = cls(name, connection, lock, plan, retry_failed)
+                journal._key_of = key
+                journal._states.update(connection.execute("SELECT key, state FROM items"))  # Ctrl-C here too
             except BaseException:
                 connection.close()
                 raise
         except sqlite3.Error as exc:
-            lock.close()
+            _unlock_journal(lock)
             raise ConfigurationError(f"{name} cannot be used as a journal: {exc}") from None
         except BaseException:
-            lock.close()
+            _unlock_journal(lock)
             raise
-        journal = cls(name, connection, lock, plan, retry_failed)
-        journal._key_of = key
         return journal
 
     def close(self) -> None:

@@ -140,3 +140,51 @@ def test_clients_that_need_no_ids_start_no_thread_and_send_no_provision(runtime,
             list(client.map("echo", [{"n": 3}, {"n": 4}]))
     assert provisions(runtime) == 0
     assert not [t for t in threading.enumerate() if t.name == "codewords-ids" and t.ident not in before]
+
+
+def test_a_stopped_map_ends_its_provisions_ahead(runtime, client):
+    """Review: the provisions of the ids for the items ahead outlived the map, holding their
+    threads and sockets until their own deadline (30 s) when the API held them unanswered."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold_provisions(name, request_id):
+        if name == "provision" and provisions(runtime) > 2:  # the first wave's own; then those ahead
+            held.set()
+            release.wait(60)
+
+    runtime.on_event = hold_provisions
+    items = [{"fail": "the first item fails"}] + [{"i": i} for i in range(1, 8)]
+    try:
+        outputs = client.map("check", items, max_workers=2)
+        with pytest.raises(cw.RunFailed):
+            list(outputs)
+        assert held.wait(10)
+        del outputs
+        for thread in [t for t in threading.enumerate() if t.name == "codewords-ids"]:
+            thread.join(5)
+            assert not thread.is_alive(), "a provision outlived its map"
+    finally:
+        release.set()
+
+
+def test_an_unexpected_failure_of_a_provision_ahead_leaves_the_reserve_working(runtime, monkeypatch, caplog):
+    """Review: a provision ahead that raised anything but a CodewordsError (a ValueError of a
+    hostile Content-Length) left the reserve counting it as under way: every later run waited
+    its whole deadline for an id that would never come."""
+    real = cw._request_id_in
+    failures = [ValueError("not a CodewordsError")]
+
+    def once_broken(answer):
+        if failures and threading.current_thread().name == "codewords-ids":
+            raise failures.pop()
+        return real(answer)
+
+    monkeypatch.setattr(cw, "_request_id_in", once_broken)
+    with cw.Client(runtime.api_key, base_url=runtime.url, timeout=10) as quick:
+        for n in range(4):
+            started = time.monotonic()
+            assert quick.run("echo", {"n": n}) == {"n": n}
+            assert time.monotonic() - started < 5
+            settled()
+    assert failures == []  # the failure did happen, in the reserve's thread
+    assert any("could not be provisioned" in r.getMessage() for r in caplog.records)  # logged, not printed

@@ -227,6 +227,23 @@ def test_a_database_of_another_program_is_refused_before_anything_is_sent(runtim
     assert runtime.calls == []
 
 
+def test_ctrl_c_while_a_journal_opens_lets_go_of_its_lock(runtime, client, journal, monkeypatch):
+    """Review: Ctrl-C while a large journal's rows were read (after its lock was taken) left it
+    locked for the life of the process."""
+    list(client.map("echo", [{"i": 1}], journal=journal))
+    real_init = cw._Journal.__init__
+
+    def interrupted_init(self, *args):
+        real_init(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cw._Journal, "__init__", interrupted_init)
+    with pytest.raises(KeyboardInterrupt):
+        client.map("echo", [{"i": 1}], journal=journal)
+    monkeypatch.undo()
+    assert list(client.map("echo", [{"i": 1}], journal=journal)) == [{"i": 1}]  # replayed, not refused
+
+
 def test_a_one_time_key_is_refused_before_anything_is_sent(runtime, journal):
     with cw.Client(runtime.issue_one_time_key(), base_url=runtime.url) as client:
         with pytest.raises(cw.ConfigurationError, match="one-time key"):
