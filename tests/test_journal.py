@@ -176,11 +176,10 @@ def test_a_child_forked_during_a_map_does_not_hold_its_journal(runtime, journal)
         import os, sys, time, codewords_lite as cw
         client = cw.Client({runtime.api_key!r}, base_url={runtime.url!r})
         for output in client.map("echo", [{{"i": 0}}, {{"i": 1}}], journal={journal!r}):
-            child = os.fork()
-            if child == 0:
+            if os.fork() == 0:  # the child: its fork hooks have run once os.fork() returns here
+                print(os.getpid(), flush=True)
                 time.sleep(60)
                 os._exit(0)
-            print(child, flush=True)
             sys.stdin.read()
     """)
     mapper = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
