@@ -2205,7 +2205,7 @@ class _RunPlan(NamedTuple):
     on_log: Optional[Callable[[LogEntry], Any]]
     admit: Optional[Callable[[_Sent], None]] = None  # a map's: lets the run be sent, unless the map has stopped
     ids: Optional[_Reserve] = None  # where its request id comes from: a map's reserve, else the client's
-    stop: Optional[_Stop] = None  # a map's: stops its calls at once once the map has stopped
+    stop: Optional[_Stop] = None  # a map's: cuts the run's calls when the map stops
 
     def given(self, inputs: Any) -> _RunPlan:
         """The plan with its inputs: the body of a POST, or the query of a GET."""
