@@ -2250,7 +2250,7 @@ def _run(client: Client, plan: _RunPlan, deadline: float, request_id: Optional[s
     follower = _LogFollower(client, plan.key, plan.on_log) if plan.on_log is not None else None
     with _waiting(follower, deadline, lambda: sent.interrupted(plan.service_id)):
         if request_id is None and plan.needs_id:
-            sent.ids[-1], sent.reserved = (plan.ids or client._ids).take(client, plan.key, deadline, plan.stop)
+            sent.ids[-1], sent.reserved = (plan.ids or client._ids).take(client, plan.key, deadline)
         sent.sending = True
         if follower is not None:
             follower.follow(sent.current)
@@ -2378,12 +2378,11 @@ class _Reserve:
         self._changed = threading.Condition()
         self._pid = os.getpid()
 
-    def take(
-        self, client: Client, key: _Key, deadline: float, stop: Optional[_Stop] = None
-    ) -> Tuple[Optional[str], bool]:
+    def take(self, client: Client, key: _Key, deadline: float) -> Tuple[Optional[str], bool]:
         """An id for a run, and whether it came from the reserve: one held, or one under way, else
-        one provisioned now (None if the API offers none). Then the reserve is refilled. A stop
-        ends the wait (see wake)."""
+        one provisioned now (None if the API offers none). Then the reserve is refilled. A map's
+        stop ends the wait (see wake)."""
+        stop = self._stop
         stopped = stop.is_set if stop is not None else lambda: False
         with self._changed:
             if self._pid != os.getpid():  # a child after fork(): the parent's ids are the parent's
@@ -2998,9 +2997,7 @@ class _Journal:
         reserved = step.step == _SEND
         if request_id is None:
             request_id, reserved = (
-                (plan.ids or client._ids).take(client, plan.key, deadline, plan.stop)
-                if not self._no_ids
-                else (None, False)
+                (plan.ids or client._ids).take(client, plan.key, deadline) if not self._no_ids else (None, False)
             )
             if request_id is None:
                 self._no_ids = True
