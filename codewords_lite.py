@@ -62,6 +62,7 @@ from typing import (
     Any,
     Callable,
     Counter,
+    Deque,
     Dict,
     FrozenSet,
     Generator,
@@ -2385,12 +2386,9 @@ class _Reserve:
         stop = self._stop
         stopped = stop.is_set if stop is not None else lambda: False
         with self._changed:
-            if self._pid != os.getpid():  # a child after fork(): the parent's ids are the parent's
-                self._ids, self._coming, self._pid = [], 0, os.getpid()
-            self._ids = [(k, i) for k, i in self._ids if k == key.value]
 
             def ready() -> bool:
-                return bool(self._ids) or not self._coming or stopped()
+                return bool(self._usable(key)) or not self._coming or stopped()
 
             self._changed.wait_for(ready, max(0.0, deadline - time.monotonic()))
             if stopped():
@@ -2401,6 +2399,19 @@ class _Reserve:
         if held is not None:
             return held, True
         return _provision_for_run(client, key, deadline, stop), False
+
+    def held(self, key: _Key) -> Optional[str]:
+        """An id held now, or None: never waits (a journaled map commits it ahead of its item)."""
+        with self._changed:
+            usable = self._usable(key)
+            return usable.pop()[1] if usable else None
+
+    def _usable(self, key: _Key) -> List[Tuple[str, str]]:
+        """The ids held that were provisioned with this API key (none in a child after fork())."""
+        if self._pid != os.getpid():  # the parent's ids are the parent's
+            self._ids, self._coming, self._pid = [], 0, os.getpid()
+        self._ids = [(k, i) for k, i in self._ids if k == key.value]
+        return self._ids
 
     def wake(self) -> None:
         """Let the runs waiting for an id look again whether they have been stopped (a map that stopped)."""
@@ -2569,9 +2580,10 @@ class _Mapper:
         self._window: Dict[Future[Any], int] = {}  # runs submitted and not yet yielded, in input order
         self._counted: Set[Future[Any]] = set()  # finished, told to on_progress, not yet yielded
         self._reading = True
-        self._ids = _Reserve(workers, ahead=self._gate.ids_wanted, stop=self._gate.calls)
+        self._ids = _Reserve(2 * workers, ahead=self._gate.ids_wanted, stop=self._gate.calls)  # one an item
         self._input_error: Optional[Exception] = None  # raised once the runs sent before it are in
-        self._done = 0
+        self._done = self._read = 0
+        self._total: Optional[int] = None
 
     def outputs(
         self,
@@ -2583,6 +2595,7 @@ class _Mapper:
         import concurrent.futures  # map() alone needs it, and it would cost more than the rest of the import
 
         items = enumerate(inputs)
+        self._total = total
         pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="codewords-map")
         try:
             while True:
@@ -2594,6 +2607,8 @@ class _Mapper:
                 running = [f for f in self._window if f not in self._counted]  # waiting on a finished one would spin
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 self._count(finished)
+                if self._journal is not None:
+                    self._journal.flush()  # the outcomes that came, committed before they are yielded
                 if on_progress is not None:
                     on_progress(self._done, total)
                 yield from self._ready(finished, ordered)
@@ -2623,8 +2638,10 @@ class _Mapper:
 
     def _fill(self, pool: Any, items: Iterator[Tuple[int, Any]]) -> None:
         """Submit items while the window has room: inputs are read only as workers free up. An
-        error in reading them stops the reading; the runs already sent are waited for first."""
-        while self._reading and len(self._window) < 2 * self._workers:
+        error in reading them stops the reading; the runs already sent are waited for first. A
+        journal commits what it was given since the last fill, before anything is handed out."""
+        batch: List[Tuple[bool, int, Any, Any, bool]] = []
+        while self._reading and len(self._window) + len(batch) < 2 * self._workers:
             try:
                 item = next(items, None)
             except Exception as exc:
@@ -2632,16 +2649,23 @@ class _Mapper:
             if item is None:
                 self._reading = False
                 continue
+            self._read += 1
             item_key: Any = None
             fresh, inline = self._plan.needs_id, False
             if self._journal is not None:  # keys in input order: an item's occurrence among equal ones
                 try:
                     item_key = self._journal.key_of(item[1])
-                    fresh, inline = self._journal.needs_id(item_key), self._journal.replays(item_key)
+                    inline, fresh = self._journal.hand_out(item_key, self._ids)
                 except Exception as exc:  # raised as the item's failure
                     item_key, fresh = exc, False
+            batch.append((inline, item[0], item[1], item_key, fresh))
+        if self._journal is not None:
+            self._journal.flush()
+            if self._total is not None:  # the ids of the items to read next, ahead
+                self._gate.unread = self._journal.new_among(self._total - self._read) if self._reading else 0
+        for inline, index, inputs, item_key, fresh in batch:
             self._gate.submitted(fresh)
-            self._window[self._submit(pool, inline, item[0], item[1], item_key, fresh)] = item[0]
+            self._window[self._submit(pool, inline, index, inputs, item_key, fresh)] = index
         if self._plan.needs_id or self._journal is not None:
             self._ids.refill(self._client, self._plan.key)  # the ids of the items now waiting, fetched ahead
 
@@ -2733,6 +2757,7 @@ class _MapGate:
         self._sent: Dict[int, _Sent] = {}  # item index -> what its run sent, while it goes on
         self._submitted = self._started = 0
         self._fresh = 0  # items submitted that will need a new id, not yet begun
+        self.unread = 0  # a journaled map's items of known number not yet read, whose ids it takes ahead
 
     def check(self) -> None:
         if self._stopped:
@@ -2752,11 +2777,12 @@ class _MapGate:
             self.check()
 
     def ids_wanted(self) -> int:
-        """How many ids to fetch ahead: one per item waiting to begin that will need a new one
-        (none once the map has stopped). Read by the map's reserve, which holds the gate and not
-        the map: no cycle keeps a finished map's client and its sockets alive."""
+        """How many ids to fetch ahead: one per item waiting to begin that will need a new one,
+        and one per item still to be read by a journaled map (none once the map has stopped). Read
+        by the map's reserve, which holds the gate and not the map: no cycle keeps a finished
+        map's client and its sockets alive."""
         with self._lock:
-            return 0 if self._stopped else min(self._submitted - self._started, self._fresh)
+            return 0 if self._stopped else min(self._submitted - self._started, self._fresh) + self.unread
 
     def admit(self, index: int, sent: _Sent) -> None:
         """Let a run of the map be sent, unless the map has stopped."""
@@ -2786,7 +2812,10 @@ class _MapGate:
 # it does (_Journal.step: replay the outcome recorded, wait for the run by its id, send under the
 # id recorded, or run as new) and what is committed when. Write-ahead: an item's request id is
 # committed, state 'sent' with the wall-clock time, before each attempt of its POST /run leaves;
-# its outcome (the output, or a final failure: an APIStatusError that is not a 504) when it comes.
+# its outcome (the output, or a final failure: an APIStatusError that is not a 504) when the map
+# takes it in, before yielding it. Commits are few: the map's thread commits, in one statement
+# (flush), the outcomes that came and the ids of the items it hands out (hand_out takes them from
+# the reserve), so that most runs leave with no commit of their own (_commit_sent).
 # Nothing is committed on a RunTimeout, a GatewayTimeout, an APIConnectionError or Ctrl-C: the run
 # may go on, and a resume waits for it by its id. The instants of a kill -9, and what a resume
 # does at each:
@@ -2818,6 +2847,8 @@ _JOURNAL_SCHEMA = (
 )
 _JOURNAL_COLUMNS = ["key", "state", "request_id", "sent_at", "finished_at", "output_type", "output", "error"]
 _JOURNAL_VERSION = "1"
+_AHEAD_FRESH = 1.0  # an id the map wrote ahead is committed again by a run that begins later than this
+_ROWS_A_STATEMENT = 100  # 8 values a row: an SQLite older than 3.32 takes at most 999 in a statement
 _JOURNALED_ERRORS = {
     cls.__name__: cls
     for cls in (
@@ -2851,7 +2882,11 @@ class _Journal:
         self._retry_failed = retry_failed
         self._seen: Counter[bytes] = collections.Counter()  # digests of keys so far: occurrence numbers
         self._states: Dict[str, str] = {}  # of every row, read once at open
-        self._lock = threading.Lock()
+        self._known_read = 0  # items read by the map so far that have a row
+        self._in_flight: Dict[str, Tuple[str, float]] = {}  # key -> the id and time of its last 'sent' commit
+        self._ahead: Set[str] = set()  # keys whose ids the map committed ahead, their runs not yet let go
+        self._unwritten: Deque[Tuple[Any, ...]] = collections.deque()  # rows for the next flush
+        self._lock = threading.Lock()  # the file's: one statement at a time
         self._closed = False
         self._no_ids = False  # the API offers no request ids: every item fails, none is sent
         self.tagged = False  # run() returns (request_id, output): the command line's
@@ -2910,10 +2945,22 @@ class _Journal:
         return journal
 
     def close(self) -> None:
-        """Close the file and let go of its lock; a run still under way commits nothing more."""
+        """Commit the outcomes that came, forget the ids written ahead for runs never let go (a
+        resume then runs those items at once, as new), close the file and let go of its lock; a
+        run still under way commits nothing more."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._write_rows()
+                ahead = list(self._ahead)
+                for start in range(0, len(ahead), _ROWS_A_STATEMENT):
+                    keys = ahead[start : start + _ROWS_A_STATEMENT]
+                    self._db.execute(f"DELETE FROM items WHERE key IN ({','.join('?' * len(keys))})", keys)
+            except Exception as exc:  # the rows left are waited for by a resume
+                logger.warning("the journal %s could not be written as it closed: %s", self.path, exc)
+            finally:
                 self._db.close()
                 _unlock_journal(self._lock_file)
 
@@ -2929,6 +2976,8 @@ class _Journal:
             key = self._key_of(item)
             if not isinstance(key, str):
                 raise TypeError(f"key() must return a str, not {type(key).__name__}")
+            if not _encodable(key):
+                raise ConfigurationError(f"key() gave a str that UTF-8 cannot encode: {ascii(key)[:80]}")
             digest = _digest(key)
             if self._seen[digest]:
                 raise ConfigurationError(
@@ -2946,21 +2995,38 @@ class _Journal:
         self._seen[digest] += 1
         return _masked_key(base[:-1] + f",{occurrence}]", secret, digest)
 
-    def needs_id(self, key: str) -> bool:
-        """Whether the item will need a new request id: one the journal does not know, or a
-        failure to run again."""
+    def hand_out(self, key: str, ids: _Reserve) -> Tuple[bool, bool]:
+        """How the map hands an item out, called in input order: whether its recorded outcome is
+        replayed at once, with no request, and whether it will need a new request id (one the
+        journal does not know, or a failure to run again). An item the journal does not know
+        takes an id the reserve holds, if any: committed by the next flush(), ahead of its run."""
         state = self._states.get(key)
-        return state is None or (state == "failed" and self._retry_failed)
+        self._known_read += state is not None
+        replays = state == "done" or (state == "failed" and not self._retry_failed)
+        fresh = state is None or (state == "failed" and self._retry_failed)
+        request_id = ids.held(self._plan.key) if state is None else None
+        if request_id is not None:
+            self._unwritten.append((key, "sent", request_id, time.time(), None, None, None, None))
+        return replays, fresh and request_id is None
 
-    def replays(self, key: str) -> bool:
-        """Whether the item's outcome is recorded, to be replayed with no request."""
-        state = self._states.get(key)
-        return state == "done" or (state == "failed" and not self._retry_failed)
+    def new_among(self, unread: int) -> int:
+        """The fewest items the journal does not know among the ``unread`` still to be read: the
+        ids the map may take ahead for them, none left unused."""
+        return max(0, unread - (len(self._states) - self._known_read))
+
+    def flush(self) -> None:
+        """Commit the rows waiting, in one statement: the ids written ahead and the outcomes that
+        came. Called by the map's thread before it hands items out, and so before it yields."""
+        with self._lock:
+            if not self._closed:
+                self._write_rows()
 
     # -- what an item does ---------------------------------------------------------------------
 
     def step(self, client: Client, plan: _RunPlan, key: str, deadline: float) -> _Step:
         """What an item does, given what the journal holds of it (see the comment above)."""
+        if key in self._ahead:
+            return _Step(_SEND, self._in_flight[key][0])
         row = self._row(key) if key in self._states else None  # a key it does not hold costs no query
         if row is None:
             return _Step(_NEW)
@@ -2978,6 +3044,7 @@ class _Journal:
                 logger.info("run %s was journaled and has not started; looking again in %.1f s", request_id, settle)
                 _sleep(settle, plan.stop)
                 record = self._record(client, plan, request_id, deadline)
+        self._in_flight[key] = (request_id, sent_at)
         if _started(record):
             return _Step(_WAIT, request_id, record=record if _finished(record) else None)
         return _Step(_SEND, request_id)
@@ -3002,9 +3069,8 @@ class _Journal:
             if request_id is None:
                 self._no_ids = True
                 raise CodewordsError(f"not sent: the API offers no request ids, and the journal {self.path} needs them")
-        ids = [request_id]
-        ahead = self._writing_ahead(plan, key, ids)
-        return self._outcome(key, ids, lambda: _run(client, ahead, deadline, ids[0], reserved))
+        ahead = self._writing_ahead(plan, key)
+        return self._outcome(key, lambda: _run(client, ahead, deadline, request_id, reserved))
 
     def _wait(self, client: Client, plan: _RunPlan, key: str, deadline: float, step: _Step) -> Any:
         """A run the journal holds as sent, and its record as started: waited for by its id."""
@@ -3014,13 +3080,11 @@ class _Journal:
             plan.admit(_Sent(request_id))  # named if the map is stopped: it goes on
         if record is None:
             return self._outcome(
-                key,
-                request_id,
-                lambda: _output(_wait_for_record(client, plan.key, request_id, deadline, plan.stop), request_id),
+                key, lambda: _output(_wait_for_record(client, plan.key, request_id, deadline, plan.stop), request_id)
             )
-        return self._outcome(key, request_id, lambda: _output(record, request_id))
+        return self._outcome(key, lambda: _output(record, request_id))
 
-    def _writing_ahead(self, plan: _RunPlan, key: str, ids: List[str]) -> _RunPlan:
+    def _writing_ahead(self, plan: _RunPlan, key: str) -> _RunPlan:
         """The plan, its admit (called before each attempt of its POST /run) committing the id first."""
         admit = plan.admit
 
@@ -3029,32 +3093,37 @@ class _Journal:
                 admit(sent)  # the map has not stopped
             if sent.current is None:  # a refused id, and no new one to be had
                 raise CodewordsError(f"not sent: the API offers no request ids, and the journal {self.path} needs them")
-            ids[0] = sent.current
             self._commit_sent(key, sent.current)
 
         return plan._replace(admit=commit_then_send)
 
-    def _outcome(self, key: str, request_id: Union[str, List[str]], get: Callable[[], Any]) -> Any:
-        """The run's output, committed, or its final failure, committed and raised."""
+    def _outcome(self, key: str, get: Callable[[], Any]) -> Any:
+        """The run's output, or its final failure raised; either queued to be committed by the
+        next flush() (see _commit_outcome)."""
         try:
             output = get()
         except RunFailed as failed:  # the workflow's own answer: final
             error, plan_key = failed, self._plan.key
-            self._keep(key, _current(request_id), "failed", lambda: (None, None, _error_text(error, plan_key)))
+            self._keep(key, "failed", lambda: (None, None, _error_text(error, plan_key)))
             raise
         # Anything else (a deadline, the network, a poll refused, an unreadable record) is no answer
         # of the run's, which may go on: nothing is committed, and a resume asks its record.
         secret = self._plan.key.value
-        self._keep(key, _current(request_id), "done", lambda: (*_storable(output, secret), None))
-        return self._tag(_current(request_id), output)
+        request_id = self._keep(key, "done", lambda: (*_storable(output, secret), None))
+        return self._tag(request_id, output)
 
-    def _keep(self, key: str, request_id: str, state: str, stored: Callable[[], Tuple[Any, Any, Any]]) -> None:
-        """Commit an outcome; one that SQLite or JSON cannot hold as it is (a lone surrogate, an
-        integer of over 4,300 digits) is not committed: a resume reads it from the run's record."""
+    def _keep(self, key: str, state: str, stored: Callable[[], Tuple[Any, Any, Any]]) -> str:
+        """Queue an outcome, and say its run's id; one that SQLite or JSON cannot hold as it is (a
+        lone surrogate, an integer of over 4,300 digits) is not kept: a resume reads it from the
+        run's record."""
+        request_id, sent_at = self._in_flight.pop(key)
         try:
-            self._commit_outcome(key, request_id, state, *stored())
+            output_type, output, error = stored()
         except (ValueError, UnicodeError) as exc:
             logger.debug("the outcome of run %s is not journaled (%s); a resume reads its record", request_id, exc)
+        else:
+            self._unwritten.append((key, state, request_id, sent_at, time.time(), output_type, output, error))
+        return request_id
 
     def _tag(self, request_id: Optional[str], output: Any) -> Any:
         return (request_id, output) if self.tagged else output
@@ -3081,37 +3150,48 @@ class _Journal:
             ).fetchone()
 
     def _commit_sent(self, key: str, request_id: str) -> None:
-        """Write down, before a POST /run leaves, that it is being sent under this id."""
-        self._write(
-            "INSERT OR REPLACE INTO items (key, state, request_id, sent_at) VALUES (?, 'sent', ?, ?)",
-            (key, request_id, time.time()),
-        )
-        self._states[key] = "sent"
-
-    def _commit_outcome(
-        self, key: str, request_id: str, state: str, output_type: Optional[str], output: Any, error: Optional[str]
-    ) -> None:
-        """Write down an item's outcome: its output, or its final failure."""
-        self._write(
-            "UPDATE items SET state = ?, finished_at = ?, output_type = ?, output = ?, error = ?"
-            " WHERE key = ? AND request_id = ?",
-            (state, time.time(), output_type, output, error, key, request_id),
-            sent=False,
-        )
-        self._states[key] = state
-
-    def _write(self, statement: str, values: Tuple[Any, ...], sent: bool = True) -> None:
+        """Write down, before a POST /run leaves, that it is being sent under this id: written
+        already if the map wrote it ahead less than _AHEAD_FRESH ago, else committed now."""
         import sqlite3
 
         with self._lock:
-            if self._closed:
-                if sent:  # a run must not leave unwritten
-                    raise CodewordsError("not sent: the map has stopped")
-                return  # the map is over: a resume waits for the run by its id
+            self._check_open()  # a run must not leave unwritten
+            if key in self._ahead:
+                self._ahead.discard(key)
+                written_id, written_at = self._in_flight[key]
+                if written_id == request_id and time.time() - written_at < _AHEAD_FRESH:
+                    return
+            now = time.time()
             try:
-                self._db.execute(statement, values)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO items (key, state, request_id, sent_at) VALUES (?, 'sent', ?, ?)",
+                    (key, request_id, now),
+                )
             except sqlite3.Error as exc:
                 raise CodewordsError(f"the journal {self.path} could not be written: {exc}") from None
+            self._in_flight[key] = (request_id, now)
+
+    def _write_rows(self) -> None:
+        """Commit the rows waiting (under the file's lock): whole rows, so each statement holds
+        many. One that fails is logged: an id written ahead is then committed by its run, before
+        it leaves, and an outcome read by a resume from its run's record."""
+        import sqlite3
+
+        rows = [self._unwritten.popleft() for _ in range(len(self._unwritten))]
+        for start in range(0, len(rows), _ROWS_A_STATEMENT):
+            chunk = rows[start : start + _ROWS_A_STATEMENT]
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO items VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                    [value for row in chunk for value in row],
+                )
+            except sqlite3.Error as exc:
+                logger.warning("the journal %s could not be written: %s", self.path, exc)
+                continue
+            for key, state, request_id, sent_at, *_ in chunk:
+                if state == "sent":
+                    self._ahead.add(key)
+                    self._in_flight[key] = (request_id, sent_at)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -3134,8 +3214,13 @@ def _masked_key(key: str, secret: str, digest: bytes) -> str:
     return masked if masked == key else f"{masked} #{digest.hex()}"
 
 
-def _current(request_id: Union[str, List[str]]) -> str:
-    return request_id if isinstance(request_id, str) else request_id[0]
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 can encode the text, and SQLite hold it (a lone surrogate cannot be)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _storable(output: Any, secret: str) -> Tuple[str, Any]:
@@ -3145,6 +3230,8 @@ def _storable(output: Any, secret: str) -> Tuple[str, Any]:
     if isinstance(output, (bytes, bytearray, memoryview)):
         return "bytes", bytes(output).replace(secret.encode("utf-8", "replace"), b"***")
     if isinstance(output, str):
+        if not _encodable(output):
+            raise UnicodeError("a str with a lone surrogate")
         return "str", output.replace(secret, "***")
     text = _json_text(output, separators=(",", ":"))
     if secret in text or '"' in secret or "\\" in secret:  # a key JSON would escape is looked for unescaped
@@ -3172,7 +3259,7 @@ def _error_text(error: APIStatusError, key: _Key) -> str:
         "message": str(error),
         "request_id": error.request_id,
     }
-    return json.dumps(_masked(fields, key.value), ensure_ascii=False, default=str)
+    return _json_text(_masked(fields, key.value), default=str)
 
 
 def _stored_error(text: str) -> APIStatusError:

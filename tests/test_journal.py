@@ -314,7 +314,7 @@ def held(name, original, before):
 if hold == "sent":  # after the commit of an id, before its POST /run leaves
     held("_commit_sent", cw._Journal._commit_sent, before=False)
 elif hold == "outcome":  # after a run's answer came, before its commit
-    held("_commit_outcome", cw._Journal._commit_outcome, before=True)
+    held("_keep", cw._Journal._keep, before=True)
 items = [{"seconds": 0.2, "i": i} for i in range(12)]
 with cw.Client(key, base_url=url) as client:
     for output in client.map("sleep", items, max_workers=4, journal=journal):
@@ -620,3 +620,95 @@ def test_ctrl_c_ends_the_process_at_once_while_an_id_is_provisioned(runtime, jou
     assert seconds < 20, (seconds, stderr)  # the provision is held for 60 s
     assert (code, stdout.strip()) == ((0, "0") if how == "library" else (130, "")), stderr
     assert rows(journal) == [] and runtime.executions["sleep"] == 0
+
+
+# -- ids written ahead -------------------------------------------------------------------------------
+# A journaled map of known length commits the ids of the items it hands out, ahead, in one statement
+# with the outcomes that came: their runs then leave with no commit of their own.
+
+
+@pytest.fixture
+def ahead(monkeypatch):
+    """The ids the map took from its reserve to write ahead."""
+    taken = []
+    held = cw._Reserve.held
+
+    def spy(self, key):
+        request_id = held(self, key)
+        if request_id is not None:
+            taken.append(request_id)
+        return request_id
+
+    monkeypatch.setattr(cw._Reserve, "held", spy)
+    return taken
+
+
+def sent_rows(journal):
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        return dict(db.execute("SELECT request_id, sent_at FROM items"))
+
+
+def test_every_run_leaves_after_its_id_is_committed(runtime, client, journal, ahead):
+    arrivals = []  # (request id, its row's sent_at read as the run arrives, the time it arrived)
+
+    def on_event(name, request_id):
+        if name == "run":
+            arrivals.append((request_id, sent_rows(journal).get(request_id), time.time()))
+
+    runtime.on_event = on_event
+    items = [{"i": i} for i in range(60)]
+    assert list(client.map("echo", items, max_workers=4, journal=journal)) == items
+    assert len(arrivals) == 60 and ahead, "no id was written ahead"
+    for request_id, sent_at, arrived in arrivals:
+        assert sent_at is not None, f"run {request_id} arrived before its id was committed"
+        assert sent_at <= arrived
+    assert runtime.calls_to("POST", "/provision-request").__len__() == 60  # no id left unused
+
+
+def test_an_id_written_ahead_is_committed_again_when_its_run_begins_late(runtime, client, journal, ahead, monkeypatch):
+    """JOURNAL_SETTLE is counted from a run's commit: one that waited for a worker is committed
+    again before it leaves, so that a resume does not believe it never started too soon."""
+    monkeypatch.setattr(cw, "_AHEAD_FRESH", 0.05)
+    arrivals = []
+
+    def on_event(name, request_id):
+        if name == "run":
+            arrivals.append((request_id, sent_rows(journal)[request_id], time.time()))
+
+    runtime.on_event = on_event
+    items = [{"seconds": 0.2, "i": i} for i in range(8)]
+    assert list(client.map("sleep", items, max_workers=2, journal=journal)) == [
+        {"slept": 0.2, "i": i} for i in range(8)
+    ]
+    late = [r for r, _, _ in arrivals if r in ahead]
+    assert late, "no run that waited for a worker had its id written ahead"
+    for request_id, sent_at, arrived in arrivals:
+        assert arrived - sent_at < 0.15, f"run {request_id} left {arrived - sent_at:.2f} s after its commit"
+
+
+def test_a_map_stopped_forgets_the_ids_it_wrote_ahead_and_a_resume_runs_them_at_once(
+    runtime, client, journal, ahead, settle
+):
+    seconds = [0.1, 1.0, 2.0, 1.0] + [0.1] * 6
+    items = [{"seconds": s, "i": i} for i, s in enumerate(seconds)]
+    expected = [{"slept": s, "i": i} for i, s in enumerate(seconds)]
+    outputs = client.map("sleep", items, max_workers=2, journal=journal)
+    assert next(outputs) == expected[0]  # then item 4 is handed out, its id written ahead
+    assert next(outputs) == expected[1]
+    outputs.close()  # as items 2 and 3 run, and item 4 waits for a worker
+    sent = {c["headers"][cw.PROVISION_HEADER] for c in runtime.calls_to("POST", "/run/")}
+    unsent = set(ahead) - sent
+    assert unsent, "no id written ahead was left unsent"
+    assert not unsent & set(sent_rows(journal))  # forgotten: the item is new to a resume
+    assert list(client.map("sleep", items, max_workers=4, journal=journal)) == expected
+    asked = [c["path"] for c in runtime.calls if c["method"] == "GET" and c["path"].startswith("/request/")]
+    assert not [p for p in asked if p.rsplit("/", 1)[-1] in unsent]  # no record asked, no JOURNAL_SETTLE waited
+    assert ran_once_each(runtime, "sleep", items)
+
+
+def test_an_output_is_committed_before_it_is_yielded(runtime, client, journal):
+    items = [{"i": i} for i in range(30)]
+    for count, _ in enumerate(client.map("echo", items, max_workers=4, journal=journal), 1):
+        with contextlib.closing(sqlite3.connect(journal)) as db:
+            done = db.execute("SELECT count(*) FROM items WHERE state = 'done'").fetchone()[0]
+        assert done >= count
