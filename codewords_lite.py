@@ -3099,7 +3099,7 @@ class _Journal:
 
     def _outcome(self, key: str, get: Callable[[], Any]) -> Any:
         """The run's output, or its final failure raised; either queued to be committed by the
-        next flush() (see _commit_outcome)."""
+        next flush() (see _keep)."""
         try:
             output = get()
         except RunFailed as failed:  # the workflow's own answer: final
